@@ -1,0 +1,108 @@
+"""The ``qlight`` command: LightningCLI with qlight's models, data, callbacks and loggers.
+
+``qlight fit|validate|test|predict --config configs/<dataset>/<experiment>.yaml``; later ``--config``
+files and ``--key value`` flags override earlier ones. Short class names work in YAML
+(``class_path: BCGD``) because this module imports qlight's packages.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+import qlight
+import qlight.callbacks  # noqa: F401  (short class names in YAML)
+import qlight.data  # noqa: F401
+import qlight.loggers
+from qlight.loggers import RunInfo
+from qlight.tasks import ImageClassifier
+
+
+class QlightSaveConfig(SaveConfigCallback):
+    """Save the resolved config next to the run and into the W&B run config."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, qlight.loggers.WandbLogger) and logger.mode != "disabled":
+                config = self.parser.dump(self.config, skip_none=False, format="json")
+                logger.experiment.config.update({"qlight": json.loads(config)}, allow_val_change=True)
+
+
+class QlightCLI(LightningCLI):
+    """LightningCLI that always checkpoints on ``val/acc1`` and names runs from the experiment."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc1",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-epoch{epoch:03d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def _describe_run(self) -> None:
+        info = describe_run(self.model, self.datamodule, self.trainer, self._get(self.config, "seed_everything"))
+        for logger in self.trainer.loggers:
+            describe = getattr(logger, "describe_run", None)
+            if describe is not None:
+                describe(info)
+
+    def before_fit(self) -> None:
+        self._describe_run()
+
+    def before_validate(self) -> None:
+        self._describe_run()
+
+    def before_test(self) -> None:
+        self._describe_run()
+
+    def before_predict(self) -> None:
+        self._describe_run()
+
+
+def describe_run(model: LightningModule, datamodule: LightningDataModule | None, trainer: Trainer, seed: Any) -> RunInfo:
+    """Dataset, architecture, method and bits of a configured experiment."""
+    dataset = getattr(datamodule, "dataset_name", None) or type(datamodule).__name__.removesuffix("DataModule").lower()
+    arch = str(model.hparams.get("model", type(model).__name__)).removeprefix("torchvision.")
+    spec = model.hparams.get("quant")
+    methods = [cb.method_name for cb in trainer.callbacks if getattr(cb, "method_name", None)]
+    if methods:
+        method = methods[0]
+    else:
+        method = "float" if spec is None else "ste"
+    bits = bits_tag(spec)
+    return RunInfo(dataset=dataset, arch=arch, method=method, bits=bits, seed=seed if isinstance(seed, int) else None)
+
+
+def bits_tag(spec: Any) -> str:
+    """``w1a4`` style tag of a quantization spec (``float`` for none; 32 marks a float part)."""
+    if spec is None:
+        return "float"
+    w = spec.w_bits if spec.weight != "float" else 32
+    a = spec.a_bits if spec.act != "float" else 32
+    return f"w{w}a{a}"
+
+
+def main(args: ArgsType = None, run: bool = True) -> QlightCLI:
+    """Entry point of ``qlight`` and ``python -m qlight`` (``run=False`` builds without running)."""
+    return QlightCLI(
+        model_class=ImageClassifier,
+        datamodule_class=LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_callback=QlightSaveConfig,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"version": f"qlight {qlight.__version__}"},
+        args=args,
+        run=run,
+    )

@@ -1,0 +1,254 @@
+"""Image classification with an optional quantization spec: the one LightningModule of qlight.
+
+The module is complete without callbacks (DESIGN.md contract 1): the quantized structure is built in
+``__init__`` from ``quant``, so ``ImageClassifier.load_from_checkpoint`` and ``qlight validate
+--ckpt_path`` rebuild it from the saved hyper-parameters and report hard-quantized accuracy. Methods
+such as BCGD and AQE live in callbacks that only schedule and blend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from qlight.models import build_model
+from qlight.quant import QuantAct, QuantSpec, param_groups, quantize_model
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss became NaN or infinite."""
+
+
+def _default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """SGD(lr=0.1, momentum=0.9, wd=1e-4): the usual CIFAR recipe when a config names none."""
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+class ImageClassifier(LightningModule):
+    """Train, validate and test a (quantized) image classifier.
+
+    Args:
+        model: architecture name from :func:`qlight.models.build_model` (e.g. ``resnet20``, ``vgg11``,
+            ``torchvision.resnet18``).
+        model_kwargs: extra constructor arguments of the architecture.
+        num_classes: number of classes (linked from the DataModule by the CLI).
+        quant: quantization spec; ``None`` trains the float model.
+        optimizer: optimizer factory called with the parameter groups (SGD, Adam, ... from YAML).
+        lr_scheduler: scheduler factory called with the optimizer (MultiStepLR, CosineAnnealingLR, ...).
+        scheduler_interval: step the scheduler every ``epoch`` or every optimizer ``step``.
+        label_smoothing: cross-entropy label smoothing.
+        init_from: checkpoint (``.ckpt`` of qlight or a plain ``state_dict`` file) whose weights
+            initialise the model at the start of ``fit``; the BCGD recipe starts from a float model.
+        alpha_lr_factor: learning-rate multiplier of the activation resolutions alpha.
+        alpha_weight_decay: weight decay of alpha (``None``: the optimizer's; the BCGD code uses 1e-4).
+        bias_weight_decay: weight decay of biases and BN shifts (``None``: the optimizer's).
+        alpha_calibration_steps: max-calibrate alpha (alpha = max(x)/L per batch) during the first
+            this-many optimizer steps of training.
+        alpha_stage_epochs: max-calibrate alpha until this epoch and learn it afterwards (the BCGD
+            code's ``stage``; 0 learns alpha from the first epoch).
+        channels_last: keep weights and activations in channels-last memory format (faster convs
+            on GPUs with tensor cores).
+        compile: ``torch.compile`` the network (in place, so checkpoint keys do not change).
+    """
+
+    def __init__(
+        self,
+        model: str = "resnet20",
+        model_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        quant: QuantSpec | None = None,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        label_smoothing: float = 0.0,
+        init_from: str | None = None,
+        alpha_lr_factor: float = 1.0,
+        alpha_weight_decay: float | None = None,
+        bias_weight_decay: float | None = None,
+        alpha_calibration_steps: int = 0,
+        alpha_stage_epochs: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 1)")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval={scheduler_interval!r}; valid: ['epoch', 'step']")
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.model = build_model(model, num_classes=num_classes, **(model_kwargs or {}))
+        if quant is not None:
+            quantize_model(self.model, quant)
+        self.quant_acts = [m for m in self.model.modules() if isinstance(m, QuantAct)]
+        if (alpha_calibration_steps or alpha_stage_epochs) and not self.quant_acts:
+            raise ValueError(
+                "alpha_calibration_steps/alpha_stage_epochs need quantized activations "
+                "(quant.act='relu_quant'); this model has none"
+            )
+        self._calibrating: bool | None = None
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+        top5 = min(5, num_classes)
+        metrics = MetricCollection(
+            {
+                "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                f"acc{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        # step index of the first non-finite loss (-1: none); kept on the device so checking it
+        # costs no host sync in the step
+        self.register_buffer("_nonfinite_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        self.register_buffer("_step_counter", torch.tensor(0, dtype=torch.long), persistent=False)
+
+    # ------------------------------------------------------------------ set-up
+    def configure_model(self) -> None:
+        """Compile once the module sits on its device (idempotent)."""
+        if self.hparams["compile"] and not getattr(self, "_compiled", False):
+            self.model.compile()
+            self._compiled = True
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams["init_from"]:
+            self.load_init_weights(self.hparams["init_from"])
+
+    def load_init_weights(self, path: str | Path) -> None:
+        """Copy weights from a float (or quantized) checkpoint into this model.
+
+        Every tensor of the checkpoint's network must match a tensor of this model by name and
+        shape; tensors only the quantized model has (alpha, quantizer buffers) keep their init
+        unless the checkpoint carries them.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.init_from={str(path)!r}: no such checkpoint file")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"model.init_from={str(path)!r} holds neither a Lightning checkpoint nor a state_dict")
+        state = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith(("_", "train_", "val_", "test_"))}
+        own = self.model.state_dict()
+        unknown = sorted(k for k in state if k not in own)
+        wrong = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+        if unknown or wrong:
+            raise ValueError(
+                f"model.init_from={str(path)!r} does not fit model={self.hparams['model']!r}: "
+                f"unexpected tensors {unknown[:5]}, shape mismatches {wrong[:5]}"
+            )
+        missing = sorted(k for k in own if k not in state)
+        alpha_missing = [k for k in missing if k.endswith("alpha")]
+        if self.hparams["quant"] is not None and self.hparams["quant"].alpha_init == "checkpoint" and alpha_missing:
+            raise ValueError(
+                f"quant.alpha_init='checkpoint' but model.init_from={str(path)!r} has no activation "
+                f"resolutions (e.g. {alpha_missing[0]!r}); use alpha_init='table' or 'calibrate'"
+            )
+        not_quant_state = [k for k in missing if not _is_quantizer_state(k)]
+        if not_quant_state:
+            raise ValueError(f"model.init_from={str(path)!r} lacks tensors of the network: {not_quant_state[:5]}")
+        self.model.load_state_dict(state, strict=False)
+        rank_zero_info(f"qlight: initialised {len(state)} tensors from {path} ({len(missing)} quantizer tensors kept)")
+
+    def configure_optimizers(self) -> Any:
+        groups = param_groups(self.model)
+        hp = self.hparams
+        spec = [
+            {"name": "quantized_weights", "params": groups["quantized_weights"]},
+            {"name": "weights", "params": groups["weights"]},
+            {"name": "biases", "params": groups["biases"]},
+            {"name": "alphas", "params": groups["alphas"]},
+        ]
+        if hp["bias_weight_decay"] is not None:
+            spec[2]["weight_decay"] = hp["bias_weight_decay"]
+        if hp["alpha_weight_decay"] is not None:
+            spec[3]["weight_decay"] = hp["alpha_weight_decay"]
+        optimizer = self.optimizer_factory([g for g in spec if g["params"]])
+        for group in optimizer.param_groups:
+            if group.get("name") == "alphas":
+                group["lr"] *= hp["alpha_lr_factor"]
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": hp["scheduler_interval"]}}
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target, label_smoothing=self.hparams["label_smoothing"])
+
+    def on_train_start(self) -> None:
+        self._step_counter.fill_(self.global_step)
+        self._nonfinite_step.fill_(-1)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        hp = self.hparams
+        calibrate = self.global_step < hp["alpha_calibration_steps"] or self.current_epoch < hp["alpha_stage_epochs"]
+        if calibrate != self._calibrating:
+            for act in self.quant_acts:
+                act.calibrating = calibrate
+            self._calibrating = calibrate
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self._loss(logits, y)
+        with torch.no_grad():
+            first_bad = (self._nonfinite_step < 0) & ~torch.isfinite(loss)
+            self._nonfinite_step.copy_(torch.where(first_bad, self._step_counter, self._nonfinite_step))
+            self._step_counter.add_(1)
+        self.log("train/loss", loss)
+        self.train_metrics.update(logits.detach(), y)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Read the device flag only when Lightning syncs for logging anyway (and at epoch end).
+        if self.trainer.log_every_n_steps and (batch_idx + 1) % self.trainer.log_every_n_steps == 0:
+            self._raise_if_nonfinite()
+
+    def on_train_epoch_end(self) -> None:
+        self._raise_if_nonfinite()
+
+    def _raise_if_nonfinite(self) -> None:
+        step = int(self._nonfinite_step)
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"training loss became non-finite at global step {step} (epoch {self.current_epoch}); "
+                "lower the learning rate, check the data, or try precision=32"
+            )
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", self._loss(logits, y), sync_dist=True)
+        metrics.update(logits, y)
+        self.log_dict(metrics, on_step=False, on_epoch=True)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(x).argmax(dim=1)
+
+
+def _is_quantizer_state(key: str) -> bool:
+    """Whether a state_dict key belongs to quantization machinery rather than the float network."""
+    return key.endswith("alpha") or "quantizer." in key or "estimator." in key
