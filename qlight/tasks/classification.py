@@ -57,6 +57,7 @@ class ImageClassifier(LightningModule):
         channels_last: keep weights and activations in channels-last memory format (faster convs
             on GPUs with tensor cores).
         compile: ``torch.compile`` the network (in place, so checkpoint keys do not change).
+        compile_mode: ``torch.compile`` mode, e.g. ``max-autotune`` or ``reduce-overhead`` (CUDA graphs).
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class ImageClassifier(LightningModule):
         alpha_stage_epochs: int = 0,
         channels_last: bool = False,
         compile: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -118,7 +120,7 @@ class ImageClassifier(LightningModule):
     def configure_model(self) -> None:
         """Compile once the module sits on its device (idempotent)."""
         if self.hparams["compile"] and not getattr(self, "_compiled", False):
-            self.model.compile()
+            self.model.compile(mode=self.hparams["compile_mode"])
             self._compiled = True
 
     def setup(self, stage: str) -> None:

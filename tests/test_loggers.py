@@ -1,0 +1,78 @@
+"""W&B and CSV logger wiring: mode choice, derived names, offline files. Never touches the network."""
+
+from pathlib import Path
+
+import pytest
+
+from qlight.loggers import CSVLogger, RunInfo, WandbLogger, wandb_logged_in
+
+INFO = RunInfo(dataset="cifar10", arch="resnet20", method="bcgd", bits="w1a4", seed=3)
+
+
+@pytest.fixture
+def no_wandb_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing-netrc"))
+
+
+def test_run_info_names() -> None:
+    assert INFO.group == "cifar10-resnet20-w1a4"
+    assert INFO.name == "bcgd-resnet20-w1a4-s3"
+    assert INFO.tags == ["bcgd", "w1a4", "cifar10", "resnet20"]
+
+
+def test_auto_mode_is_offline_without_credentials(no_wandb_credentials: None, tmp_path: Path) -> None:
+    assert not wandb_logged_in()
+    assert WandbLogger(save_dir=str(tmp_path)).mode == "offline"
+
+
+def test_auto_mode_is_online_with_api_key(no_wandb_credentials: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert WandbLogger(save_dir=str(tmp_path)).mode == "online"  # the run itself is never created here
+
+
+def test_auto_mode_follows_wandb_mode_env(no_wandb_credentials: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert WandbLogger(save_dir=str(tmp_path)).mode == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert WandbLogger(save_dir=str(tmp_path)).mode == "disabled"
+
+
+def test_bad_mode_names_valid_choices(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"mode='cloud'.*'offline'"):
+        WandbLogger(mode="cloud", save_dir=str(tmp_path))  # type: ignore[arg-type]
+
+
+def test_offline_run_gets_derived_group_tags_and_name(no_wandb_credentials: None, tmp_path: Path) -> None:
+    import wandb
+
+    logger = WandbLogger(mode="offline", save_dir=str(tmp_path))
+    logger.describe_run(INFO)
+    try:
+        run = logger.experiment
+        assert run.group == "cifar10-resnet20-w1a4"
+        assert set(run.tags) == {"bcgd", "w1a4", "cifar10", "resnet20"}
+        assert run.name == "bcgd-resnet20-w1a4-s3"
+        logger.log_metrics({"val/acc1": 0.5}, step=0)
+    finally:
+        wandb.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1  # syncable later with `wandb sync`
+
+
+def test_explicit_names_win(no_wandb_credentials: None, tmp_path: Path) -> None:
+    logger = WandbLogger(mode="offline", save_dir=str(tmp_path), name="mine", group="g", tags=["t"])
+    logger.describe_run(INFO)
+    assert (logger._wandb_init["name"], logger._wandb_init["group"], logger._wandb_init["tags"]) == ("mine", "g", ["t"])
+
+
+def test_csv_logger_folder_follows_run(tmp_path: Path) -> None:
+    logger = CSVLogger(save_dir=str(tmp_path))
+    logger.describe_run(INFO)
+    assert Path(logger.log_dir) == tmp_path / "cifar10-resnet20-w1a4" / "bcgd-resnet20-w1a4-s3" / "version_0"
+    named = CSVLogger(save_dir=str(tmp_path), name="fixed")
+    named.describe_run(INFO)
+    assert Path(named.log_dir) == tmp_path / "fixed" / "version_0"
