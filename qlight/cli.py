@@ -8,6 +8,7 @@ files and ``--key value`` flags override earlier ones. Short class names work in
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -32,8 +33,28 @@ class QlightSaveConfig(SaveConfigCallback):
                 logger.experiment.config.update({"qlight": json.loads(config)}, allow_val_change=True)
 
 
+class ConfigError(ValueError):
+    """A bad value in the user's config or data, reported as one line instead of a traceback."""
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while (nxt := err.__cause__ or err.__context__) is not None:
+        err = nxt
+    return err
+
+
 class QlightCLI(LightningCLI):
     """LightningCLI that always checkpoints on ``val/acc1`` and names runs from the experiment."""
+
+    def instantiate_classes(self) -> None:
+        """Instantiate, turning qlight's validation errors (wrapped by jsonargparse) into a ConfigError."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = _root_cause(err)
+            if isinstance(cause, ValueError | FileNotFoundError) and cause is not err:
+                raise ConfigError(str(cause)) from err
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -93,7 +114,18 @@ def bits_tag(spec: Any) -> str:
 
 
 def main(args: ArgsType = None, run: bool = True) -> QlightCLI:
-    """Entry point of ``qlight`` and ``python -m qlight`` (``run=False`` builds without running)."""
+    """Entry point of ``qlight`` and ``python -m qlight`` (``run=False`` builds without running).
+
+    A bad config or data path exits with status 2 and one ``qlight: error: ...`` line.
+    """
+    try:
+        return _build_cli(args, run)
+    except ConfigError as err:
+        print(f"qlight: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _build_cli(args: ArgsType, run: bool) -> QlightCLI:
     return QlightCLI(
         model_class=ImageClassifier,
         datamodule_class=LightningDataModule,

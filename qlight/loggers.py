@@ -35,9 +35,10 @@ class RunInfo:
 
     @property
     def name(self) -> str:
-        """``bcgd-resnet20-w1a4-s0``."""
+        """``bcgd-resnet20-w1a4-s0`` (``float-resnet20-s0`` for float runs)."""
         seed = f"-s{self.seed}" if self.seed is not None else ""
-        return f"{self.method}-{self.arch}-{self.bits}{seed}"
+        bits = "" if self.bits == self.method else f"-{self.bits}"
+        return f"{self.method}-{self.arch}{bits}{seed}"
 
     @property
     def tags(self) -> list[str]:
