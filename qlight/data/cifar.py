@@ -1,0 +1,285 @@
+"""CIFAR-10 and CIFAR-100 DataModules that keep the data in memory as uint8 and augment on the device.
+
+The training loop reads whole batches by slicing in-memory uint8 tensors (no per-sample
+``__getitem__``, no per-sample collate, no PIL), ships 3 KB per image to the device and augments
+and normalizes there in :meth:`CIFARDataModule.on_after_batch_transfer`. Decoding happens once per
+source and machine; see :mod:`qlight.data.sources`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from qlight.data.augment import normalize_affine, random_crop_flip
+from qlight.data.sources import (
+    CIFAR10,
+    CIFAR100,
+    CifarSpec,
+    DatasetError,
+    ensure_cached,
+    load_cache,
+    resolve_source,
+    stratified_split,
+)
+
+
+def default_cache_dir() -> Path:
+    """``$QLIGHT_CACHE`` if set, else ``~/.cache/qlight``: decoded datasets live outside the repo."""
+    return Path(os.environ.get("QLIGHT_CACHE") or Path.home() / ".cache" / "qlight").expanduser()
+
+
+class TensorBatchDataset(Dataset[tuple[Tensor, Tensor]]):
+    """In-memory images and labels that a DataLoader reads a whole batch at a time.
+
+    ``__getitems__`` (used by ``DataLoader`` for map-style datasets since torch 2.0) returns the
+    batch as two tensor slices, so the per-sample Python work of ``TensorDataset`` plus
+    ``default_collate`` disappears, while the DataLoader keeps its ordinary ``batch_size``/``sampler``
+    arguments and Lightning can still inject a ``DistributedSampler`` under DDP.
+
+    Args:
+        images: ``N x 3 x H x W`` uint8 images.
+        labels: ``N`` int64 labels.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        return self.images.index_select(0, index), self.labels.index_select(0, index)
+
+
+def collate_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """The batch from :meth:`TensorBatchDataset.__getitems__` is already collated."""
+    return batch
+
+
+class CIFARDataModule(LightningDataModule):
+    """Common implementation of the CIFAR-10 and CIFAR-100 DataModules.
+
+    Batches are ``(images, labels)``: uint8 ``N x 3 x 32 x 32`` out of the DataLoader, float32
+    normalized (and, in training, randomly cropped and flipped) after the transfer to the device.
+
+    Validation data: with ``val_split=0`` (the default) the *test set* is used for validation, as in
+    the BCGD and AQE papers, whose reported accuracies are the best test accuracies during training.
+    Set ``val_split > 0`` for honest model selection: that class-stratified fraction of the training
+    set (fixed by ``seed``) is held out for validation, and ``test`` still uses the test set.
+
+    Under DDP, Lightning wraps the loaders' samplers in ``DistributedSampler`` (its default
+    ``use_distributed_sampler=True``): each rank reads its own shard of the training set, reshuffled
+    every epoch, and all ranks run the same number of batches. Evaluation shards are padded to equal
+    length, so report final accuracies from ``qlight validate``/``test`` on one device.
+
+    The augmentation runs in :meth:`on_after_batch_transfer`, which Lightning calls only when the
+    DataModule is passed to the Trainer (``datamodule=``, as the CLI does), not for bare loaders.
+
+    Args:
+        root: the data; one of (a) a folder holding torchvision's pickled batches
+            (``cifar-10-batches-py`` / ``cifar-100-python``), (b) an image-folder tree
+            ``root/{train,test}/<class>/*.png|jpg`` (optionally inside one extra top-level folder),
+            (c) a ``.zip`` file of such a tree, read without extracting it. Labels follow the sorted
+            class-folder names (which give the standard label order for CIFAR-10 and CIFAR-100).
+        download: fetch torchvision's pickled batches into ``root`` if no data are there.
+        batch_size: training batch size per device; the last incomplete batch is dropped so every
+            step has the same shape (no ``torch.compile`` recompiles).
+        eval_batch_size: batch size for validation, test and predict (default: ``batch_size``);
+            evaluation keeps every sample.
+        num_workers: DataLoader worker processes; 0 is fastest for in-memory data, since a batch is
+            one tensor slice.
+        val_split: fraction of the training set held out for validation; 0 validates on the test set.
+        cache_dir: folder for the decoded tensors (default ``$QLIGHT_CACHE`` or ``~/.cache/qlight``).
+        augment: random 4-pixel-padded crop and horizontal flip of training batches.
+        channels_last: hand batches to the model in channels-last memory format.
+        pin_memory: pin host batches for asynchronous copies when CUDA is available.
+        seed: seed of the ``val_split`` hold-out (independent of the global seed, so the split
+            does not change with the training seed).
+        subset: use only a class-balanced subset of this many training images (decoding only those);
+            for quick experiments and tests.
+        test_subset: the same for the test set.
+    """
+
+    spec: ClassVar[CifarSpec]
+    dataset_name: ClassVar[str]
+    num_classes: ClassVar[int]
+    mean: ClassVar[tuple[float, float, float]]
+    std: ClassVar[tuple[float, float, float]]
+
+    def __init__(
+        self,
+        root: str,
+        download: bool = False,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_split: float = 0.0,
+        cache_dir: str | None = None,
+        augment: bool = True,
+        channels_last: bool = False,
+        pin_memory: bool = True,
+        seed: int = 0,
+        subset: int | None = None,
+        test_subset: int | None = None,
+    ) -> None:
+        super().__init__()
+        for field, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{field}={value} is invalid: it must be a positive integer")
+        for field, value in (("subset", subset), ("test_subset", test_subset)):
+            if value is not None and value < 1:
+                raise ValueError(
+                    f"{field}={value} is invalid: it must be a positive integer or null (all images)"
+                )
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} is invalid: it must be >= 0")
+        if not 0.0 <= val_split < 1.0:
+            raise ValueError(
+                f"val_split={val_split} is invalid: it must be in [0, 1) (0 validates on the test set)"
+            )
+        self.save_hyperparameters()
+        self.root = root
+        self.download = download
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_split = val_split
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.augment = augment
+        self.channels_last = channels_last
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.subset = subset
+        self.test_subset = test_subset
+        self.classes: list[str] = []
+        self.train_dataset: TensorBatchDataset | None = None
+        self.val_dataset: TensorBatchDataset | None = None
+        self.test_dataset: TensorBatchDataset | None = None
+        self._scale_shift_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        if not download:
+            resolve_source(self.spec, root)  # fail at construction on a wrong root, on every rank
+
+    def _cache_file(self) -> Path:
+        return ensure_cached(
+            self.spec,
+            self.root,
+            self.cache_dir or default_cache_dir(),
+            download=self.download,
+            subset=self.subset,
+            test_subset=self.test_subset,
+        )
+
+    def prepare_data(self) -> None:
+        """Download (if asked) and decode into the cache; Lightning runs this on one process per node."""
+        self._cache_file()
+
+    def setup(self, stage: str) -> None:
+        """Load the cached tensors and build the train, validation and test sets."""
+        if self.train_dataset is not None:
+            return
+        data = load_cache(self._cache_file())
+        self.classes = list(data["classes"])
+        train_images, train_labels = data["train_images"], data["train_labels"]
+        self.test_dataset = TensorBatchDataset(data["test_images"], data["test_labels"])
+        if self.val_split > 0:
+            train_idx, val_idx = stratified_split(train_labels, self.val_split, self.seed)
+            if len(val_idx) == 0 or len(train_idx) == 0:
+                raise DatasetError(
+                    f"val_split={self.val_split} of the {len(train_labels)} training images of {self.root} "
+                    "leaves an empty train or validation set; change val_split or subset"
+                )
+            self.val_dataset = TensorBatchDataset(train_images[val_idx], train_labels[val_idx])
+            self.train_dataset = TensorBatchDataset(train_images[train_idx], train_labels[train_idx])
+        else:
+            self.val_dataset = self.test_dataset
+            self.train_dataset = TensorBatchDataset(train_images, train_labels)
+
+    def _loader(self, dataset: TensorBatchDataset | None, train: bool) -> DataLoader[tuple[Tensor, Tensor]]:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            collate_fn=collate_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
+        """Shuffled uint8 batches of the training set, dropping the last incomplete batch."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if self.train_dataset is not None and len(self.train_dataset) < self.batch_size * world_size:
+            raise DatasetError(
+                f"the training set of {self.root} has {len(self.train_dataset)} images, fewer than one "
+                f"batch of {self.batch_size} per device on {world_size} device(s), so an epoch would have "
+                "no steps; lower batch_size or raise subset"
+            )
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
+        """The held-out part of train, or the test set when ``val_split`` is 0."""
+        return self._loader(self.val_dataset, train=False)
+
+    def test_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
+        """The test set, in order."""
+        return self._loader(self.test_dataset, train=False)
+
+    def predict_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
+        """The test set, in order, so ``qlight predict`` has data without extra arguments."""
+        return self._loader(self.test_dataset, train=False)
+
+    def _scale_shift(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Per-device normalization constants, made once (no per-batch host-to-device copy)."""
+        if device not in self._scale_shift_cache:
+            mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+            std = torch.tensor(self.std).view(1, -1, 1, 1)
+            self._scale_shift_cache[device] = ((1 / (255 * std)).to(device), (-mean / std).to(device))
+        return self._scale_shift_cache[device]
+
+    def on_after_batch_transfer(
+        self, batch: tuple[Tensor, Tensor], dataloader_idx: int
+    ) -> tuple[Tensor, Tensor]:
+        """Augment (training only) and normalize the uint8 batch on its device."""
+        images, labels = batch
+        if self.augment and self.trainer is not None and self.trainer.training:
+            images = random_crop_flip(images, padding=4)
+        scale, shift = self._scale_shift(images.device)
+        return normalize_affine(images, scale, shift, channels_last=self.channels_last), labels
+
+
+class CIFAR10DataModule(CIFARDataModule):
+    """CIFAR-10: 50,000 training and 10,000 test images of 10 classes.
+
+    ``mean``/``std`` are the normalization constants of the BCGD reference code.
+    """
+
+    spec = CIFAR10
+    dataset_name = "cifar10"
+    num_classes = 10
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2023, 0.1994, 0.2010)
+
+
+class CIFAR100DataModule(CIFARDataModule):
+    """CIFAR-100: 50,000 training and 10,000 test images of 100 (fine) classes."""
+
+    spec = CIFAR100
+    dataset_name = "cifar100"
+    num_classes = 100
+    mean = (0.5071, 0.4865, 0.4409)
+    std = (0.2673, 0.2564, 0.2762)
