@@ -94,7 +94,7 @@ def describe_run(model: LightningModule, datamodule: LightningDataModule | None,
     """Dataset, architecture, method and bits of a configured experiment."""
     dataset = getattr(datamodule, "dataset_name", None) or type(datamodule).__name__.removesuffix("DataModule").lower()
     arch = str(model.hparams.get("model", type(model).__name__)).removeprefix("torchvision.")
-    spec = model.hparams.get("quant")
+    spec = getattr(model, "quant_spec", None)
     methods = [cb.method_name for cb in trainer.callbacks if getattr(cb, "method_name", None)]
     if methods:
         method = methods[0]
@@ -108,7 +108,7 @@ def bits_tag(spec: Any) -> str:
     """``w1a4`` style tag of a quantization spec (``float`` for none; 32 marks a float part)."""
     if spec is None:
         return "float"
-    w = spec.w_bits if spec.weight != "float" else 32
+    w = spec.weight_bits if spec.weight != "float" else 32
     a = spec.a_bits if spec.act != "float" else 32
     return f"w{w}a{a}"
 

@@ -22,6 +22,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from qlight.models import build_model
 from qlight.quant import QuantAct, QuantSpec, param_groups, quantize_model
 
+# The hyper-parameters hold a QuantSpec; resuming (`ckpt_path`) and `load_from_checkpoint` unpickle
+# with weights_only=True (torch >= 2.6), which refuses classes that are not allow-listed.
+torch.serialization.add_safe_globals([QuantSpec])
+
 
 class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss became NaN or infinite."""
@@ -89,8 +93,10 @@ class ImageClassifier(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.model = build_model(model, num_classes=num_classes, **(model_kwargs or {}))
-        if quant is not None:
-            quantize_model(self.model, quant)
+        # LightningCLI stores hparams["quant"] as a plain dict; code reads the spec from here
+        self.quant_spec = QuantSpec(**quant) if isinstance(quant, dict) else quant
+        if self.quant_spec is not None:
+            quantize_model(self.model, self.quant_spec)
         self.quant_acts = [m for m in self.model.modules() if isinstance(m, QuantAct)]
         if (alpha_calibration_steps or alpha_stage_epochs) and not self.quant_acts:
             raise ValueError(
@@ -152,7 +158,7 @@ class ImageClassifier(LightningModule):
             )
         missing = sorted(k for k in own if k not in state)
         alpha_missing = [k for k in missing if k.endswith("alpha")]
-        if self.hparams["quant"] is not None and self.hparams["quant"].alpha_init == "checkpoint" and alpha_missing:
+        if self.quant_spec is not None and self.quant_spec.alpha_init == "checkpoint" and alpha_missing:
             raise ValueError(
                 f"quant.alpha_init='checkpoint' but model.init_from={str(path)!r} has no activation "
                 f"resolutions (e.g. {alpha_missing[0]!r}); use alpha_init='table' or 'calibrate'"
@@ -200,9 +206,18 @@ class ImageClassifier(LightningModule):
         hp = self.hparams
         calibrate = self.global_step < hp["alpha_calibration_steps"] or self.current_epoch < hp["alpha_stage_epochs"]
         if calibrate != self._calibrating:
-            for act in self.quant_acts:
-                act.calibrating = calibrate
-            self._calibrating = calibrate
+            self._set_calibrating(calibrate)
+
+    def on_validation_model_eval(self) -> None:
+        # Max-calibration is a training rule: evaluating must neither fit alpha to validation batches
+        # nor leave a validation-fitted alpha for the next training step (breaks exact resume).
+        super().on_validation_model_eval()
+        self._set_calibrating(False)
+
+    def _set_calibrating(self, calibrate: bool) -> None:
+        for act in self.quant_acts:
+            act.calibrating = calibrate
+        self._calibrating = calibrate
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

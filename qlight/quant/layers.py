@@ -1,0 +1,469 @@
+"""Quantized layers: a tensor quantizer module, quantized Conv2d/Linear, the BCGD quantized ReLU, and the
+AQE/MINW-Net HardTanh input quantizer.
+
+Style follows timm's ``std_conv.py``: the layers subclass ``nn.Conv2d`` / ``nn.Linear``, keep the float latent
+``weight`` as the Parameter, transform it in ``forward`` and call the functional conv/linear. Every scheduled knob
+(the relaxation ``mix``, estimator temperatures, the α-gradient ``rate_factor``) is a registered 0-dim float
+buffer, so it is checkpointed and can be changed in place (``.fill_()``) without ``torch.compile`` recompiles.
+The only Python-level switches are ``module.training`` and :attr:`QuantAct.calibrating` (each a one-off
+recompile when toggled under ``torch.compile``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as QF
+from .estimators import ALPHA_RULES, X_RULES, Estimator, build_estimator, quant_relu
+from .functional import _fp, check_choice
+
+__all__ = [
+    "BIT_ALPHA",
+    "QUANTIZERS",
+    "QuantAct",
+    "QuantConv2d",
+    "QuantHardtanh",
+    "QuantLinear",
+    "QuantizerDef",
+    "TensorQuantizer",
+    "register_quantizer",
+    "validate_quantizer",
+]
+
+
+@dataclass(frozen=True)
+class QuantizerDef:
+    """A named hard quantizer: ``fn(x, bits, per_channel, **kwargs) -> Q(x)`` and what it accepts.
+
+    Use a module-level function for ``fn`` (not a lambda) so quantized models stay picklable.
+    """
+
+    fn: Callable[..., Tensor]
+    bits: tuple[int, ...]
+    default_bits: int
+    kwargs: tuple[str, ...] = ()
+    per_channel: bool = True  # whether per-output-channel statistics make sense
+    doc: str = ""
+
+
+# Named module-level adapters (not lambdas) so modules holding a quantizer stay picklable (ddp_spawn,
+# torch.save of whole modules): the instance stores only the quantizer NAME and looks it up at call time.
+def _q_binary(x: Tensor, bits: int, pc: bool, **kw: Any) -> Tensor:
+    return QF.binary_weight(x, per_channel=pc, **kw)
+
+
+def _q_ternary(x: Tensor, bits: int, pc: bool, **kw: Any) -> Tensor:
+    return QF.ternary_weight(x, per_channel=pc, **kw)
+
+
+def _q_uniform(x: Tensor, bits: int, pc: bool, **kw: Any) -> Tensor:
+    return QF.uniform_weight(x, bits, per_channel=pc)
+
+
+def _q_pow2(x: Tensor, bits: int, pc: bool, **kw: Any) -> Tensor:
+    return QF.pow2_weight(x, bits, per_channel=pc, **kw)
+
+
+def _q_sign(x: Tensor, bits: int, pc: bool, **kw: Any) -> Tensor:
+    return QF.sign_quant(x)
+
+
+def _q_ternary_unit(x: Tensor, bits: int, pc: bool, **kw: Any) -> Tensor:
+    return QF.ternary_quant(x, **kw)
+
+
+def _q_pow2_unit(x: Tensor, bits: int, pc: bool, **kw: Any) -> Tensor:
+    return QF.pow2_quant(x, bits, **kw)
+
+
+#: name -> hard quantizer definition. Extend with :func:`register_quantizer`.
+QUANTIZERS: dict[str, QuantizerDef] = {
+    "binary": QuantizerDef(_q_binary, (1,), 1, ("scale",), True, "δ·sign(w), δ = mean|w| (or median)"),
+    "ternary": QuantizerDef(
+        _q_ternary, (2,), 2, ("threshold", "scale"), True, "c·sign(w)·1{|w| ≥ 0.7·mean|w|}"
+    ),
+    "uniform": QuantizerDef(_q_uniform, QF.UNIFORM_BITS, 4, (), True, "c·{0, ±1, …, ±(2^(b−1)−1)}, LS scale"),
+    "pow2": QuantizerDef(_q_pow2, QF.POW2_BITS, 3, ("scale", "thresholds"), True, "c·{0, ±2^−k, ±1}"),
+    "sign": QuantizerDef(_q_sign, (1,), 1, (), False, "{−1, +1}"),
+    "ternary_unit": QuantizerDef(_q_ternary_unit, (2,), 2, ("delta",), False, "{−1, 0, 1}"),
+    "pow2_unit": QuantizerDef(_q_pow2_unit, QF.POW2_BITS, 3, ("thresholds",), False, "{0, ±2^−k, ±1}"),
+}
+
+
+def register_quantizer(name: str, definition: QuantizerDef) -> None:
+    """Register a hard quantizer usable as ``TensorQuantizer(name, ...)`` and in :class:`QuantSpec`."""
+    if name in QUANTIZERS:
+        raise ValueError(f"quantizer {name!r} is already registered")
+    QUANTIZERS[name] = definition
+
+
+def validate_quantizer(
+    quantizer: str, bits: int | None, per_channel: bool = False, kwargs: Mapping[str, Any] | None = None,
+    prefix: str = "",
+) -> int:
+    """Check a (quantizer, bits, per_channel, kwargs) combination; return the resolved bits.
+
+    Raises ``ValueError`` naming the argument, the value and the valid choices, e.g.
+    ``bits=3 is not supported by quantizer='binary'; valid: [1]``.
+    """
+    check_choice(f"{prefix}quantizer", quantizer, sorted(QUANTIZERS))
+    d = QUANTIZERS[quantizer]
+    b = d.default_bits if bits is None else bits
+    if b not in d.bits:
+        raise ValueError(f"{prefix}bits={b!r} is not supported by quantizer={quantizer!r}; valid: {list(d.bits)}")
+    if per_channel and not d.per_channel:
+        raise ValueError(
+            f"{prefix}per_channel=True is not supported by quantizer={quantizer!r} (it has no scale); "
+            f"per-channel quantizers: {sorted(k for k, v in QUANTIZERS.items() if v.per_channel)}"
+        )
+    for k in kwargs or {}:
+        if k not in d.kwargs:
+            raise ValueError(
+                f"{prefix}quantizer_kwargs key {k!r} is not accepted by quantizer={quantizer!r}; valid: {list(d.kwargs)}"
+            )
+    return int(b)
+
+
+class TensorQuantizer(nn.Module):
+    """Quantize a tensor with a named hard quantizer and a named coarse-gradient estimator.
+
+    - training: ``y = estimator(x, Q(x), mix)``: value ``mix·Q(x) + (1−mix)·x`` with the estimator's
+      backward (``mix = 1``, the default, is exact quantization);
+    - eval: ``y = Q(x)`` exactly (gradient, if grad mode is on, straight-through);
+    - :meth:`quantize`: ``Q(x)`` without gradient.
+
+    Math runs in float32 (float64 stays float64) and the output has ``x``'s dtype.
+
+    Args:
+        quantizer: ``binary`` (1 bit), ``ternary`` (2), ``uniform`` (2..8), ``pow2`` (2..8), ``sign`` (1),
+            ``ternary_unit`` (2), ``pow2_unit`` (2..8); see :data:`QUANTIZERS`.
+        bits: bit-width; None picks the quantizer's default (1, 2, 4, 3, 1, 2, 3).
+        per_channel: per-output-channel statistics (scaled quantizers only).
+        quantizer_kwargs: e.g. ``{"scale": "median"}`` (binary), ``{"threshold": 0.7, "scale": "twn"}``
+            (ternary), ``{"scale": "max"}`` (pow2), ``{"delta": 0.5}`` (ternary_unit),
+            ``{"thresholds": [...]}`` (pow2/pow2_unit).
+        estimator: registered estimator name (``ste``, ``clipped_ste``, ``aqe``, ``ede``, ...).
+        estimator_kwargs: keyword arguments of the estimator (e.g. ``{"backward_rule": "alg1"}``).
+        mix: initial value of the ``mix`` buffer in [0, 1].
+    """
+
+    mix: Tensor
+
+    def __init__(
+        self,
+        quantizer: str = "binary",
+        bits: int | None = None,
+        *,
+        per_channel: bool = False,
+        quantizer_kwargs: Mapping[str, Any] | None = None,
+        estimator: str = "ste",
+        estimator_kwargs: Mapping[str, Any] | None = None,
+        mix: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.bits = validate_quantizer(quantizer, bits, per_channel, quantizer_kwargs)
+        self.quantizer = quantizer
+        self.per_channel = bool(per_channel)
+        self.quantizer_kwargs: dict[str, Any] = dict(quantizer_kwargs or {})
+        if not 0.0 <= float(mix) <= 1.0:
+            raise ValueError(f"mix={mix!r} must be in [0, 1]")
+        self.register_buffer("mix", torch.tensor(float(mix)))
+        self.estimator_name = estimator
+        self.estimator: Estimator = build_estimator(estimator, **dict(estimator_kwargs or {}))
+        # dry run: bad quantizer_kwargs values fail here, at construction, not at the first forward
+        self._q(torch.linspace(-1.0, 1.0, 8).reshape(2, 4))
+
+    def _q(self, x: Tensor) -> Tensor:
+        return QUANTIZERS[self.quantizer].fn(x, self.bits, self.per_channel, **self.quantizer_kwargs)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        """Hard ``Q(x)`` (no gradient), in ``x``'s dtype."""
+        with torch.no_grad():
+            return self._q(_fp(x.detach())).to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = _fp(x)
+        x_q = self._q(xf.detach())
+        if self.training:
+            y = self.estimator(xf, x_q, self.mix)
+        elif torch.is_grad_enabled() and xf.requires_grad:
+            y = x_q + (xf - xf.detach())
+        else:
+            y = x_q
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def set_mix(self, value: float) -> None:
+        """In place: ``mix ← value`` (0 ≤ value ≤ 1)."""
+        self.mix.fill_(float(value))
+
+    def summary(self) -> str:
+        """Short tag such as ``binary/1b/ste`` (``+pc`` when per channel)."""
+        return f"{self.quantizer}/{self.bits}b{'+pc' if self.per_channel else ''}/{self.estimator_name}"
+
+    def extra_repr(self) -> str:
+        s = f"quantizer={self.quantizer!r}, bits={self.bits}"
+        if self.per_channel:
+            s += ", per_channel=True"
+        if self.quantizer_kwargs:
+            s += f", quantizer_kwargs={self.quantizer_kwargs}"
+        return s + f", estimator={self.estimator_name!r}"
+
+
+def _share_params(dst: nn.Module, src: nn.Module) -> None:
+    """Make ``dst`` use ``src``'s weight/bias Parameters (no copy; like ``torch.ao`` QAT ``from_float``)."""
+    dst.weight = src.weight
+    dst.bias = src.bias
+    dst.train(src.training)
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose latent float ``weight`` is quantized in every forward by ``weight_quantizer``.
+
+    ``forward(x) = conv2d(x, weight_quantizer(weight), bias, stride, padding, dilation, groups)`` (padding modes
+    other than ``zeros`` as in ``nn.Conv2d``). In eval mode the kernel is exactly ``Q(weight)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        weight_quantizer: TensorQuantizer | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )
+        wq = weight_quantizer if weight_quantizer is not None else TensorQuantizer()
+        self.weight_quantizer = wq.to(device=self.weight.device) if self.weight.device.type != "meta" else wq
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_q={self.weight_quantizer.summary()}"
+
+    def quantized_weight(self) -> Tensor:
+        """Hard ``Q(weight)`` (no gradient), e.g. for BCGD blending, diagnostics and export."""
+        return self.weight_quantizer.quantize(self.weight)
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, weight_quantizer: TensorQuantizer | None = None) -> QuantConv2d:
+        """Quantized twin of ``module`` that shares its ``weight``/``bias`` Parameters (same device and dtype)."""
+        q = cls(
+            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,  # type: ignore[arg-type]
+            module.dilation, module.groups, module.bias is not None, module.padding_mode,  # type: ignore[arg-type]
+            device="meta", weight_quantizer=weight_quantizer,
+        )
+        _share_params(q, module)
+        q.weight_quantizer.to(device=module.weight.device)
+        return q
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` whose latent float ``weight`` is quantized in every forward by ``weight_quantizer``.
+
+    ``forward(x) = linear(x, weight_quantizer(weight), bias)``; in eval mode the weight is exactly ``Q(weight)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        weight_quantizer: TensorQuantizer | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        wq = weight_quantizer if weight_quantizer is not None else TensorQuantizer()
+        self.weight_quantizer = wq.to(device=self.weight.device) if self.weight.device.type != "meta" else wq
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_quantizer(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_q={self.weight_quantizer.summary()}"
+
+    def quantized_weight(self) -> Tensor:
+        """Hard ``Q(weight)`` (no gradient)."""
+        return self.weight_quantizer.quantize(self.weight)
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, weight_quantizer: TensorQuantizer | None = None) -> QuantLinear:
+        """Quantized twin of ``module`` that shares its ``weight``/``bias`` Parameters (same device and dtype)."""
+        q = cls(
+            module.in_features, module.out_features, module.bias is not None, device="meta",
+            weight_quantizer=weight_quantizer,
+        )
+        _share_params(q, module)
+        q.weight_quantizer.to(device=module.weight.device)
+        return q
+
+
+#: Initial α by bit-width: MSE-optimal step of the uniform ROUNDING quantizer α·clamp(round(x/α), 0, 2^b − 1)
+#: for X ~ |N(0, 1)| (a BN-normalised pre-activation through ReLU). 1, 2 and 4 bits are the authors'
+#: ``bit_alpha`` constants (1.2221, 0.6511, 0.1946); 3 and 5..8 were computed for qlight by numerical
+#: integration of E[(X − Q(X))²] (scipy.integrate.quad per cell) and bounded scalar minimisation over α,
+#: which reproduces 1.224 / 0.651 / 0.193 for 1 / 2 / 4 bits.
+BIT_ALPHA: dict[int, float] = {
+    1: 1.2221, 2: 0.6511, 3: 0.3534, 4: 0.1946, 5: 0.1055, 6: 0.0573, 7: 0.0309, 8: 0.0165,
+}
+
+
+class QuantAct(nn.Module):
+    """BCGD quantized ReLU ``σ(x; α)`` with a learnable scalar resolution ``alpha`` (``BCGD.md`` §2).
+
+    Forward: :func:`~qlight.quant.functional.act_quant` with ``α_c = clamp(alpha, alpha_min, alpha_max)``,
+    levels ``{0, α_c, …, (2^b − 1)α_c}``. The clamp is straight-through (exact clamped value forward, identity
+    gradient to ``alpha``) instead of the authors' in-place ``alpha.data.clamp_``: this keeps the forward free of
+    parameter mutation (compile-friendly, safe for an α used twice in one forward); the gradient is evaluated at
+    the clamped value as in the authors' code. Call :meth:`clamp_alpha_` after an optimizer step to project the
+    stored α too (e.g. from a callback) if the exact authors' behaviour is wanted.
+
+    Backward: ``x_rule`` (``identity`` | ``relu`` | ``clipped``) for x and
+    ``dα = clamp(rate_factor · Σ ∂L/∂σ · D(x), −1, 1)`` per call with ``alpha_rule`` (``ae`` | ``mean`` | ``min`` |
+    ``pact``) for α (:func:`~qlight.quant.estimators.quant_relu`).
+
+    Calibration: while the plain attribute ``calibrating`` is True, each forward sets
+    ``alpha ← max|x| / (2^b − 1)`` of the current batch (``calib_stat="absmax"``, the authors' code;
+    ``"max"`` uses ``max(x)``) in place under ``no_grad``, all-reduced with MAX when ``torch.distributed`` is
+    initialised (so DDP ranks stay identical), and uses it for this forward; α then gets an exactly-zero gradient
+    (a zero tensor rather than None, so DDP without ``find_unused_parameters`` is happy). The authors did
+    this in the backward, so their forward used the previous batch's value. A module called twice in one forward
+    (α shared across a ResNet block) ends up with the value from its last call.
+
+    Args:
+        bits: activation bits 1..8.
+        alpha_init: initial α; None takes :data:`BIT_ALPHA` ``[bits]``.
+        mode: ``ceil`` (authors) or ``round``.
+        x_rule, alpha_rule, rate_factor: coarse-gradient rules (defaults: ``clipped``, ``mean``, 0.01).
+        alpha_min, alpha_max: clamp range of α (authors: 1e-3, 5).
+        calib_stat: ``absmax`` or ``max``.
+    """
+
+    rate_factor: Tensor
+
+    def __init__(
+        self,
+        bits: int = 4,
+        alpha_init: float | None = None,
+        mode: str = "ceil",
+        x_rule: str = "clipped",
+        alpha_rule: str = "mean",
+        rate_factor: float = 0.01,
+        alpha_min: float = 1e-3,
+        alpha_max: float = 5.0,
+        calib_stat: str = "absmax",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_choice("bits", bits, sorted(BIT_ALPHA))
+        check_choice("mode", mode, ("ceil", "round"))
+        check_choice("x_rule", x_rule, X_RULES)
+        check_choice("alpha_rule", alpha_rule, ALPHA_RULES)
+        check_choice("calib_stat", calib_stat, ("absmax", "max"))
+        if not 0 < alpha_min < alpha_max:
+            raise ValueError(f"need 0 < alpha_min < alpha_max, got alpha_min={alpha_min!r}, alpha_max={alpha_max!r}")
+        if not rate_factor >= 0:
+            raise ValueError(f"rate_factor={rate_factor!r} must be >= 0")
+        a0 = BIT_ALPHA[bits] if alpha_init is None else float(alpha_init)
+        if not a0 > 0:
+            raise ValueError(f"alpha_init={alpha_init!r} must be > 0")
+        self.bits = int(bits)
+        self.mode = mode
+        self.x_rule = x_rule
+        self.alpha_rule = alpha_rule
+        self.alpha_min = float(alpha_min)
+        self.alpha_max = float(alpha_max)
+        self.calib_stat = calib_stat
+        self.calibrating = False
+        self.alpha = nn.Parameter(torch.tensor(a0, device=device))
+        self.register_buffer("rate_factor", torch.tensor(float(rate_factor), device=device))
+
+    @property
+    def levels(self) -> int:
+        """L = 2^b − 1 (the top level is L·α)."""
+        return 2**self.bits - 1
+
+    @torch.no_grad()
+    def calibrate_(self, x: Tensor) -> Tensor:
+        """``alpha ← stat(x) / L`` in place (MAX all-reduced under torch.distributed); returns the new value."""
+        xd = _fp(x.detach())
+        v = (xd.abs() if self.calib_stat == "absmax" else xd).amax().to(self.alpha.dtype) / float(self.levels)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        self.alpha.copy_(v)
+        return v
+
+    @torch.no_grad()
+    def clamp_alpha_(self) -> None:
+        """Project the stored α onto ``[alpha_min, alpha_max]`` in place (the authors' in-place clamp)."""
+        self.alpha.clamp_(self.alpha_min, self.alpha_max)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.calibrating:
+            # alpha <- stat(x)/L in place, then used with an exactly-zero gradient (not None: DDP sees alpha used)
+            self.calibrate_(x)
+        return quant_relu(
+            x, self.alpha, self.bits, self.mode, self.x_rule, self.alpha_rule, self.rate_factor,
+            self.alpha_min, self.alpha_max, alpha_grad=not self.calibrating,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"bits={self.bits}, mode={self.mode!r}, x_rule={self.x_rule!r}, alpha_rule={self.alpha_rule!r}, "
+            f"alpha_range=[{self.alpha_min:g}, {self.alpha_max:g}]"
+        )
+
+
+class QuantHardtanh(nn.Hardtanh):
+    """HardTanh followed by a :class:`TensorQuantizer`: the AQE/MINW-Net input quantizer.
+
+    ``y = act_quantizer(hardtanh(x, min_val, max_val))``; in MINW-Net the pattern is QuantConv → (Pool) → BN →
+    QuantHardtanh, whose output is the next layer's quantized input. With ``act_quantizer =
+    TensorQuantizer("sign", estimator="aqe")`` the backward is ``2·mix·g·1{|x| < 1}`` (the HardTanh supplies the
+    clip), the training forward ``mix·h(x̃) + (1 − mix)·x̃`` with ``x̃`` the clipped input, and eval ``h(x̃)``.
+    """
+
+    def __init__(
+        self,
+        min_val: float = -1.0,
+        max_val: float = 1.0,
+        inplace: bool = False,
+        *,
+        act_quantizer: TensorQuantizer | None = None,
+    ) -> None:
+        super().__init__(min_val, max_val, inplace)
+        self.act_quantizer = act_quantizer if act_quantizer is not None else TensorQuantizer("sign")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act_quantizer(F.hardtanh(x, self.min_val, self.max_val, self.inplace))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, act_q={self.act_quantizer.summary()}"
+
+    @classmethod
+    def from_float(cls, module: nn.Hardtanh, act_quantizer: TensorQuantizer | None = None) -> QuantHardtanh:
+        """Quantized twin of an ``nn.Hardtanh`` (same range and inplace flag)."""
+        q = cls(module.min_val, module.max_val, module.inplace, act_quantizer=act_quantizer)
+        q.train(module.training)
+        return q

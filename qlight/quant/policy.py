@@ -1,0 +1,405 @@
+"""Quantization policy: a flat, YAML-friendly spec and the function that converts a float model in place.
+
+``QuantSpec`` is what LightningCLI users write under ``model.init_args.quant:``::
+
+    quant:
+      weight: binary          # binary | ternary | uniform | pow2 | sign | ternary_unit | pow2_unit | float
+      w_bits: 1
+      act: relu_quant         # relu_quant (BCGD QuantAct) | hardtanh_quant (AQE input quantizer) | float
+      a_bits: 4
+      first_layer: quantized  # quantized | float | 8bit
+      last_layer: float
+
+:func:`quantize_model` swaps ``nn.Conv2d``/``nn.Linear``/``nn.ReLU``/``nn.Hardtanh`` for their quantized twins
+(before optimizers are built); the helpers below list quantized layers, group parameters for the optimizer and
+set the scheduled knobs that callbacks drive (``mix``, α calibration).
+"""
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .estimators import ALPHA_RULES, X_RULES, build_estimator, list_estimators
+from .layers import (
+    QUANTIZERS,
+    QuantAct,
+    QuantConv2d,
+    QuantHardtanh,
+    QuantLinear,
+    TensorQuantizer,
+    validate_quantizer,
+)
+
+__all__ = [
+    "LAYER_CHOICES",
+    "QuantSpec",
+    "clamp_alphas_",
+    "param_groups",
+    "quant_acts",
+    "quant_layers",
+    "quantize_model",
+    "quantized_weights",
+    "iter_quant_modules",
+    "set_calibrating",
+    "set_mix",
+    "tensor_quantizers",
+]
+
+ACT_CHOICES = ("relu_quant", "hardtanh_quant", "float")
+LAYER_CHOICES = ("quantized", "float", "8bit")
+ALPHA_INIT_CHOICES = ("table", "calibrate", "checkpoint")
+#: quantizers allowed for ``hardtanh_quant`` activations (unscaled, AQE.md §1.2), default by bits
+A_QUANTIZERS = ("sign", "ternary_unit", "pow2_unit")
+_SCALE_CHOICES = {"binary": ("mean", "median"), "ternary": ("code", "twn"), "pow2": ("ls", "max")}
+_THRESHOLD_KWARG = {"ternary": "threshold", "ternary_unit": "delta"}
+
+
+def _bad(name: str, value: Any, valid: Any, why: str = "is not supported") -> ValueError:
+    return ValueError(f"QuantSpec.{name}={value!r} {why}; valid: {valid}")
+
+
+@dataclass
+class QuantSpec:
+    """Which layers are quantized, how, and with which coarse gradients. All fields have defaults.
+
+    Weights (conv and linear kernels):
+        weight: hard quantizer of the kernels: ``binary`` (δ·sign, 1 bit), ``ternary`` (2), ``uniform``
+            (2..8), ``pow2`` (scaled power of two, 2..8), ``sign`` / ``ternary_unit`` / ``pow2_unit`` (unscaled,
+            AQE/MINW-Net), or ``float`` (no weight quantization; all ``w_*`` fields are then ignored).
+        w_bits: bit-width; None = the quantizer's natural width (1, 2, 4, 3, 1, 2, 3), see :attr:`weight_bits`.
+            Fields are never rewritten after validation, so configs compose (a base ``w_bits: null`` stays valid
+            when an override switches ``weight``).
+        w_scale: ``mean``/``median`` (binary), ``code``/``twn`` (ternary), ``ls``/``max`` (pow2); None = default
+            (``mean``, ``code``, ``ls``).
+        w_threshold: ternary threshold factor t = w_threshold·mean|w| (default 0.7) or the ternary_unit Δ
+            (default 0.5); None = default.
+        per_channel: per-output-channel scales (scaled quantizers only).
+        w_estimator: registered estimator (``ste`` = BinaryConnect/BCGD coarse gradient, ``clipped_ste``,
+            ``aqe``, ``ede``, ...); ``w_estimator_kwargs`` its keyword arguments.
+    Activations:
+        act: ``relu_quant`` (every ``nn.ReLU`` → :class:`QuantAct`, BCGD), ``hardtanh_quant`` (every
+            ``nn.Hardtanh`` → :class:`QuantHardtanh`, AQE/MINW-Net) or ``float``.
+        a_bits: activation bits (relu_quant: 1..8; hardtanh_quant: by ``a_quantizer``).
+        a_quantizer: hardtanh_quant only: ``sign`` | ``ternary_unit`` | ``pow2_unit``; None picks by a_bits
+            (1 → sign, 2 → ternary_unit, ≥ 3 → pow2_unit), see :attr:`act_quantizer_name`.
+        a_estimator, a_estimator_kwargs: hardtanh_quant estimator (``ste``, ``aqe``, ...).
+        a_mode: relu_quant rounding, ``ceil`` (authors) or ``round``.
+        x_rule: relu_quant coarse derivative in x: ``identity`` | ``relu`` | ``clipped`` (default).
+        alpha_rule: relu_quant α-derivative: ``ae`` | ``mean`` (default) | ``min`` | ``pact``.
+        rate_factor: α-gradient factor r in clamp(r·Σ g·D, −1, 1) (default 0.01).
+        alpha_init: ``table`` (:data:`~qlight.quant.layers.BIT_ALPHA`), a positive float, ``calibrate``
+            (max-calibration, done by the task) or ``checkpoint`` (α from a float checkpoint, done by the task).
+            The layers are built with the table value unless a float is given.
+    Layer exceptions (weights only; activations are unaffected):
+        first_layer: the first ``nn.Conv2d``/``nn.Linear`` in registration order: ``quantized`` (default, as
+            the BCGD CIFAR code), ``float`` or ``8bit`` (uniform 8-bit weights with the ``ste`` estimator).
+        last_layer: the last ``nn.Linear`` (the last conv/linear if there is none): default ``float`` (BCGD
+            CIFAR code). If first and last are the same module, ``last_layer`` wins.
+    """
+
+    weight: str = "binary"
+    w_bits: Optional[int] = None
+    w_scale: Optional[str] = None
+    w_threshold: Optional[float] = None
+    per_channel: bool = False
+    w_estimator: str = "ste"
+    w_estimator_kwargs: dict[str, Any] = field(default_factory=dict)
+    act: Literal["relu_quant", "hardtanh_quant", "float"] = "relu_quant"
+    a_bits: int = 4
+    a_quantizer: Optional[str] = None
+    a_estimator: str = "ste"
+    a_estimator_kwargs: dict[str, Any] = field(default_factory=dict)
+    a_mode: Literal["ceil", "round"] = "ceil"
+    x_rule: Literal["identity", "relu", "clipped"] = "clipped"
+    alpha_rule: Literal["ae", "mean", "min", "pact"] = "mean"
+    rate_factor: float = 0.01
+    alpha_init: Union[float, str] = "table"
+    first_layer: Literal["quantized", "float", "8bit"] = "quantized"
+    last_layer: Literal["quantized", "float", "8bit"] = "float"
+
+    def __post_init__(self) -> None:
+        self._validate_weights()
+        self._validate_acts()
+        for name in ("first_layer", "last_layer"):
+            v = getattr(self, name)
+            if v not in LAYER_CHOICES:
+                raise _bad(name, v, list(LAYER_CHOICES))
+
+    # ---------------------------------------------------------------------------------------------------
+    def _validate_weights(self) -> None:
+        valid_w = sorted(QUANTIZERS) + ["float"]
+        if self.weight not in valid_w:
+            raise _bad("weight", self.weight, valid_w)
+        if self.weight == "float":
+            return
+        d = QUANTIZERS[self.weight]
+        if self.w_bits is not None and self.w_bits not in d.bits:
+            raise _bad("w_bits", self.w_bits, list(d.bits), f"is not supported by weight={self.weight!r}")
+        if self.w_scale is not None:
+            valid = _SCALE_CHOICES.get(self.weight, ())
+            if self.w_scale not in valid:
+                raise _bad("w_scale", self.w_scale, list(valid), f"is not supported by weight={self.weight!r}")
+        if self.w_threshold is not None:
+            if self.weight not in _THRESHOLD_KWARG:
+                raise _bad(
+                    "w_threshold", self.w_threshold, f"None (only {sorted(_THRESHOLD_KWARG)} take a threshold)",
+                    f"is not used by weight={self.weight!r}",
+                )
+            if not self.w_threshold > 0:
+                raise _bad("w_threshold", self.w_threshold, "a positive float", "must be > 0")
+        if self.per_channel and not d.per_channel:
+            raise _bad(
+                "per_channel", True, f"False, or a scaled weight quantizer "
+                f"{sorted(k for k, v in QUANTIZERS.items() if v.per_channel)}",
+                f"is not supported by weight={self.weight!r}",
+            )
+        if self.w_estimator not in list_estimators():
+            raise _bad("w_estimator", self.w_estimator, list_estimators())
+        try:
+            build_estimator(self.w_estimator, **self.w_estimator_kwargs)
+        except ValueError as err:
+            raise ValueError(f"QuantSpec.w_estimator_kwargs={self.w_estimator_kwargs!r}: {err}") from err
+
+    def _validate_acts(self) -> None:
+        if self.act not in ACT_CHOICES:
+            raise _bad("act", self.act, list(ACT_CHOICES))
+        if self.act == "float":
+            return
+        if self.act == "relu_quant":
+            if self.a_bits not in range(1, 9):
+                raise _bad("a_bits", self.a_bits, list(range(1, 9)), "is not supported by act='relu_quant'")
+            if self.a_quantizer is not None:
+                raise _bad("a_quantizer", self.a_quantizer, "None", "is only used by act='hardtanh_quant'")
+            for name, valid in (("a_mode", ("ceil", "round")), ("x_rule", X_RULES), ("alpha_rule", ALPHA_RULES)):
+                if getattr(self, name) not in valid:
+                    raise _bad(name, getattr(self, name), list(valid))
+            if not self.rate_factor >= 0:
+                raise _bad("rate_factor", self.rate_factor, "a float >= 0", "must be >= 0")
+            self._validate_alpha_init()
+            return
+        # hardtanh_quant
+        if self.a_quantizer is not None and self.a_quantizer not in A_QUANTIZERS:
+            raise _bad("a_quantizer", self.a_quantizer, list(A_QUANTIZERS), "is not supported by act='hardtanh_quant'")
+        aq = self.act_quantizer_name
+        valid_bits = list(QUANTIZERS[aq].bits)
+        if self.a_bits not in valid_bits:
+            raise _bad("a_bits", self.a_bits, valid_bits, f"is not supported by a_quantizer={aq!r}")
+        if self.a_estimator not in list_estimators():
+            raise _bad("a_estimator", self.a_estimator, list_estimators())
+        try:
+            build_estimator(self.a_estimator, **self.a_estimator_kwargs)
+        except ValueError as err:
+            raise ValueError(f"QuantSpec.a_estimator_kwargs={self.a_estimator_kwargs!r}: {err}") from err
+
+    def _validate_alpha_init(self) -> None:
+        v = self.alpha_init
+        if isinstance(v, str):
+            if v in ALPHA_INIT_CHOICES:
+                return
+            try:
+                v = float(v)
+            except ValueError:
+                raise _bad("alpha_init", self.alpha_init, f"{list(ALPHA_INIT_CHOICES)} or a float > 0") from None
+            self.alpha_init = v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise _bad("alpha_init", self.alpha_init, f"{list(ALPHA_INIT_CHOICES)} or a float > 0")
+        self.alpha_init = float(v)
+
+    # ---------------------------------------------------------------------------------------------------
+    @property
+    def weight_bits(self) -> Optional[int]:
+        """``w_bits``, or the weight quantizer's natural width when it is None (None for ``weight='float'``)."""
+        if self.weight == "float":
+            return None
+        return self.w_bits if self.w_bits is not None else QUANTIZERS[self.weight].default_bits
+
+    @property
+    def act_quantizer_name(self) -> str:
+        """hardtanh_quant quantizer: ``a_quantizer``, or by ``a_bits``: 1 → sign, 2 → ternary_unit, else pow2_unit."""
+        if self.a_quantizer is not None:
+            return self.a_quantizer
+        return "sign" if self.a_bits == 1 else "ternary_unit" if self.a_bits == 2 else "pow2_unit"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields, e.g. for ``save_hyperparameters`` or logging."""
+        return dataclasses.asdict(self)
+
+    def weight_quantizer(self, role: str = "quantized") -> Optional[TensorQuantizer]:
+        """A fresh weight :class:`TensorQuantizer` for a layer with the given role (None for ``float``)."""
+        if role == "float" or (role == "quantized" and self.weight == "float"):
+            return None
+        if role == "8bit":
+            return TensorQuantizer("uniform", 8, per_channel=self.per_channel, estimator="ste")
+        kwargs: dict[str, Any] = {}
+        if self.w_scale is not None:
+            kwargs["scale"] = self.w_scale
+        if self.w_threshold is not None:
+            kwargs[_THRESHOLD_KWARG[self.weight]] = self.w_threshold
+        validate_quantizer(self.weight, self.weight_bits, self.per_channel, kwargs, prefix="QuantSpec.w_")
+        return TensorQuantizer(
+            self.weight, self.weight_bits, per_channel=self.per_channel, quantizer_kwargs=kwargs,
+            estimator=self.w_estimator, estimator_kwargs=self.w_estimator_kwargs,
+        )
+
+    def quant_act(self, device: Optional[torch.device] = None) -> QuantAct:
+        """A fresh :class:`QuantAct` (act = relu_quant)."""
+        a0 = self.alpha_init if isinstance(self.alpha_init, float) else None
+        return QuantAct(
+            self.a_bits, a0, self.a_mode, self.x_rule, self.alpha_rule, self.rate_factor, device=device,
+        )
+
+    def act_quantizer(self) -> TensorQuantizer:
+        """A fresh activation :class:`TensorQuantizer` (act = hardtanh_quant)."""
+        return TensorQuantizer(
+            self.act_quantizer_name, self.a_bits, estimator=self.a_estimator,
+            estimator_kwargs=self.a_estimator_kwargs,
+        )
+
+
+def _roles(model: nn.Module, spec: QuantSpec) -> dict[int, str]:
+    """id(module) -> role (first_layer / last_layer / quantized) for every plain Conv2d/Linear."""
+    layers = [m for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    roles = {id(m): "quantized" for m in layers}
+    if layers:
+        roles[id(layers[0])] = spec.first_layer
+        linears = [m for m in layers if type(m) is nn.Linear]
+        roles[id((linears or layers)[-1])] = spec.last_layer
+    return roles
+
+
+def quantize_model(model: nn.Module, spec: Optional[QuantSpec] = None) -> nn.Module:
+    """Convert ``model`` in place (and return it) according to ``spec``; call before building optimizers.
+
+    - every ``nn.Conv2d`` → :class:`QuantConv2d`, every ``nn.Linear`` → :class:`QuantLinear` (sharing the
+      original Parameters), except layers whose role is ``float``; the FIRST conv/linear in module
+      registration order (``model.modules()``) gets ``spec.first_layer``, the LAST ``nn.Linear`` (or last
+      conv/linear if there is no Linear) gets ``spec.last_layer``;
+    - ``act == "relu_quant"``: every ``nn.ReLU`` → :class:`QuantAct`; ``act == "hardtanh_quant"``: every
+      ``nn.Hardtanh`` → :class:`QuantHardtanh`.
+
+    Only these exact types are converted (subclasses such as ``nn.ReLU6`` or custom convs are left alone, and
+    functional calls like ``F.relu`` are invisible). Module sharing is preserved: a module registered under
+    several names (``block.act2 = block.act1``, the shared α of a ResNet block) becomes ONE quantized module.
+    """
+    spec = spec if spec is not None else QuantSpec()
+    roles = _roles(model, spec)
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else None
+    memo: dict[int, nn.Module] = {}
+    for m in model.modules():
+        new: Optional[nn.Module] = None
+        if id(m) in roles:
+            wq = spec.weight_quantizer(roles[id(m)])
+            if wq is not None:
+                new = (QuantConv2d if type(m) is nn.Conv2d else QuantLinear).from_float(m, wq)  # type: ignore[attr-defined]
+        elif type(m) is nn.ReLU and spec.act == "relu_quant":
+            new = spec.quant_act(device)
+            new.train(m.training)
+        elif type(m) is nn.Hardtanh and spec.act == "hardtanh_quant":
+            aq = spec.act_quantizer()
+            new = QuantHardtanh.from_float(m, aq if device is None else aq.to(device))
+        if new is not None:
+            memo[id(m)] = new
+    if id(model) in memo:
+        return memo[id(model)]
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in memo:
+                parent._modules[name] = memo[id(child)]
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers for tasks and callbacks
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, Union[QuantConv2d, QuantLinear]]]:
+    """``(name, layer)`` for every weight-quantized layer (QuantConv2d/QuantLinear), each module once."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+
+
+def quant_acts(model: nn.Module) -> list[tuple[str, QuantAct]]:
+    """``(name, module)`` for every :class:`QuantAct` (a shared module appears once, under its first name)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantAct)]
+
+
+def tensor_quantizers(
+    model: nn.Module, role: Literal["all", "weight", "act"] = "all"
+) -> list[tuple[str, TensorQuantizer]]:
+    """``(name, quantizer)`` for every :class:`TensorQuantizer`; ``role="weight"`` keeps those of quantized
+    conv/linear kernels, ``role="act"`` the others (e.g. :class:`QuantHardtanh` input quantizers)."""
+    if role not in ("all", "weight", "act"):
+        raise ValueError(f"role={role!r} is not supported; valid: ['all', 'weight', 'act']")
+    weight_ids = {id(m.weight_quantizer) for _, m in quant_layers(model)}
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m, TensorQuantizer):
+            is_w = id(m) in weight_ids
+            if role == "all" or (role == "weight") == is_w:
+                out.append((n, m))
+    return out
+
+
+@torch.no_grad()
+def set_mix(model: nn.Module, value: Union[float, Tensor], role: Literal["all", "weight", "act"] = "all") -> None:
+    """In place ``mix ← value`` on the selected TensorQuantizers (BinaryRelax η/(1+η), AQE α). No host sync."""
+    for _, q in tensor_quantizers(model, role):
+        if isinstance(value, Tensor):
+            q.mix.copy_(value)
+        else:
+            q.mix.fill_(float(value))
+
+
+def set_calibrating(model: nn.Module, flag: bool) -> None:
+    """Switch max-calibration of every :class:`QuantAct` on or off (``QuantAct.calibrating``)."""
+    for _, m in quant_acts(model):
+        m.calibrating = bool(flag)
+
+
+@torch.no_grad()
+def clamp_alphas_(model: nn.Module) -> None:
+    """Project every QuantAct α onto its ``[alpha_min, alpha_max]`` in place (the authors' in-place clamp)."""
+    for _, m in quant_acts(model):
+        m.clamp_alpha_()
+
+
+@torch.no_grad()
+def quantized_weights(model: nn.Module) -> dict[str, Tensor]:
+    """``{layer_name: Q(weight)}`` (hard, no grad) for every weight-quantized layer."""
+    return {n: m.quantized_weight() for n, m in quant_layers(model)}
+
+
+def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Partition ``model.parameters()`` (each Parameter once) for the optimizer.
+
+    - ``quantized_weights``: latent kernels of QuantConv2d/QuantLinear (the tensors BCGD blends),
+    - ``alphas``: QuantAct α and any learnable parameter owned by a TensorQuantizer/estimator (LSQ-style steps),
+    - ``biases``: every Parameter named ``bias`` (conv/linear biases, BN β),
+    - ``weights``: everything else (BN γ, float conv/linear weights, ...).
+    """
+    qw = {id(m.weight) for _, m in quant_layers(model)}
+    alphas = {id(m.alpha) for _, m in quant_acts(model)}
+    for _, tq in tensor_quantizers(model):
+        alphas.update(id(p) for p in tq.parameters())
+    groups: dict[str, list[nn.Parameter]] = {"quantized_weights": [], "weights": [], "biases": [], "alphas": []}
+    for name, p in model.named_parameters():
+        if id(p) in qw:
+            groups["quantized_weights"].append(p)
+        elif id(p) in alphas:
+            groups["alphas"].append(p)
+        elif name.rsplit(".", 1)[-1] == "bias":
+            groups["biases"].append(p)
+        else:
+            groups["weights"].append(p)
+    return groups
+
+
+def iter_quant_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every quantized module (layers, activations, tensor quantizers) with its name."""
+    for n, m in model.named_modules():
+        if isinstance(m, (QuantConv2d, QuantLinear, QuantAct, QuantHardtanh, TensorQuantizer)):
+            yield n, m
