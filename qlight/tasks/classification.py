@@ -20,7 +20,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from qlight.models import build_model
-from qlight.quant import QuantAct, QuantSpec, param_groups, quantize_model
+from qlight.quant import QuantAct, QuantSpec, TensorQuantizer, param_groups, quantize_model
 
 # The hyper-parameters hold a QuantSpec; resuming (`ckpt_path`) and `load_from_checkpoint` unpickle
 # with weights_only=True (torch >= 2.6), which refuses classes that are not allow-listed.
@@ -163,7 +163,11 @@ class ImageClassifier(LightningModule):
                 f"quant.alpha_init='checkpoint' but model.init_from={str(path)!r} has no activation "
                 f"resolutions (e.g. {alpha_missing[0]!r}); use alpha_init='table' or 'calibrate'"
             )
-        not_quant_state = [k for k in missing if not _is_quantizer_state(k)]
+        quantizer_prefixes = tuple(
+            f"{name}." for name, m in self.model.named_modules(remove_duplicate=False)
+            if isinstance(m, QuantAct | TensorQuantizer)
+        )
+        not_quant_state = [k for k in missing if not k.startswith(quantizer_prefixes)]
         if not_quant_state:
             raise ValueError(f"model.init_from={str(path)!r} lacks tensors of the network: {not_quant_state[:5]}")
         self.model.load_state_dict(state, strict=False)
@@ -264,8 +268,3 @@ class ImageClassifier(LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, list | tuple) else batch
         return self(x).argmax(dim=1)
-
-
-def _is_quantizer_state(key: str) -> bool:
-    """Whether a state_dict key belongs to quantization machinery rather than the float network."""
-    return key.endswith("alpha") or "quantizer." in key or "estimator." in key
