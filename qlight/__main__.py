@@ -1,6 +1,6 @@
 """``python -m qlight`` is the same as the ``qlight`` console script."""
 
-from qlight.cli import main
+from qlight.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

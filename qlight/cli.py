@@ -125,6 +125,11 @@ def main(args: ArgsType = None, run: bool = True) -> QlightCLI:
         raise SystemExit(2) from None
 
 
+def console_main() -> None:
+    """The ``qlight`` console script: run the CLI and exit 0 on success (main returns the CLI object)."""
+    main()
+
+
 def _build_cli(args: ArgsType, run: bool) -> QlightCLI:
     return QlightCLI(
         model_class=ImageClassifier,
