@@ -56,7 +56,7 @@ def shared_blocks(dataset: str) -> dict[str, Any]:
                 "root": data["root"],
                 "download": True,
                 "batch_size": 128,
-                "num_workers": 4,
+                "num_workers": 0,  # batches are slices of in-memory tensors; workers only add copies
             },
         },
     }

@@ -1,3 +1,7 @@
 """Training methods and schedules as Lightning callbacks (they only schedule and blend)."""
 
+from qlight.callbacks.aqe import AQE, EDE, LatentWeightClip  # noqa: F401
+from qlight.callbacks.bcgd import BCGD  # noqa: F401
+from qlight.callbacks.binary_relax import BinaryRelax  # noqa: F401
+
 __all__: list[str] = []

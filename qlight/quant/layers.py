@@ -420,7 +420,7 @@ class QuantAct(nn.Module):
         self.alpha.clamp_(self.alpha_min, self.alpha_max)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.calibrating:
+        if self.calibrating and self.training:
             # alpha <- stat(x)/L in place, then used with an exactly-zero gradient (not None: DDP sees alpha used)
             self.calibrate_(x)
         return quant_relu(

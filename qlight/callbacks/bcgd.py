@@ -1,0 +1,148 @@
+"""BCGD: Blended Coarse Gradient Descent (Yin et al., arXiv 1808.05240) as a Lightning callback.
+
+Once per optimizer step, right before ``optimizer.step()``, every quantized kernel is blended toward
+the weight its training forward used::
+
+    w <- (1 - rho) w + rho G,    G = Q(w), or BinaryRelax's relaxed (eta Q(w) + w) / (1 + eta)
+
+The gradient already on ``w`` is the coarse gradient at G (the layers' straight-through estimator
+routes dL/dG to w), so the optimizer then applies momentum and weight decay to the BLENDED tensor,
+exactly as the authors' code does (``BCGD.md`` §3 item 4)::
+
+    m_t = mu m_{t-1} + grad + lambda B_t,   w_{t+1} = B_t - lr m_t,   B_t = (1 - rho) w_t + rho G_t
+
+rho = 0 is BinaryConnect. The module stays complete without this callback (it only blends).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from qlight.quant import QuantConv2d, QuantLinear, quant_layers
+
+__all__ = ["BCGD", "blend_", "rho_at", "training_weight", "weight_quantized_layers"]
+
+
+def rho_at(epoch: int, rho: float, rho_growth: float = 1.0, rho_max: float = 0.01) -> float:
+    """The blending weight of an epoch: ``min(rho * rho_growth ** (epoch + 1), rho_max)``.
+
+    The authors' code multiplies at the START of every epoch (``rho <- min(rho_rate * rho, 0.01)``),
+    so epoch 0 already uses ``rho * rho_growth``; with ``rho_growth = 1`` rho is constant (capped at
+    ``rho_max``).
+    """
+    try:
+        value = rho * rho_growth ** (epoch + 1)
+    except OverflowError:
+        value = math.inf
+    return min(value, rho_max)
+
+
+def training_weight(layer: QuantConv2d | QuantLinear) -> Tensor:
+    """The kernel the layer's training forward uses: ``lerp(w, Q(w), mix)`` (= Q(w) at mix = 1).
+
+    Same expression as the estimators' forward value, so the blend target is bit-identical to the
+    weight the loss saw (BinaryRelax sets ``mix = eta / (1 + eta)``).
+    """
+    w = layer.weight.detach()
+    return torch.lerp(w, layer.quantized_weight(), layer.weight_quantizer.mix.to(w.dtype))
+
+
+def blend_(weight: Tensor, target: Tensor, rho: Tensor) -> None:
+    """In place ``w <- (1 - rho) w + rho target`` (lerp: exactly ``w`` at rho = 0, no host sync)."""
+    weight.lerp_(target, rho.to(weight.dtype))
+
+
+def weight_quantized_layers(pl_module: LightningModule, owner: str) -> list[QuantConv2d | QuantLinear]:
+    """Every weight-quantized layer of the module; a clear error if there is none."""
+    layers = [m for _, m in quant_layers(pl_module)]
+    if not layers:
+        raise ValueError(
+            f"{owner} needs weight-quantized layers (QuantConv2d/QuantLinear), but "
+            f"{type(pl_module).__name__} has none; give the model a quantization spec "
+            "(e.g. model.init_args.quant.weight: binary) or drop the callback"
+        )
+    return layers
+
+
+class BCGD(Callback):
+    """Blend every quantized kernel toward its quantization once per optimizer step (BCGD).
+
+    The rho schedule is a pure function of ``trainer.current_epoch`` (:func:`rho_at`), so resuming
+    from any checkpoint, mid-epoch included, continues it exactly and every DDP rank computes the same
+    value. The current value lives in a 0-dim tensor on the module's device, is logged as
+    ``bcgd/rho`` and saved in the callback state.
+
+    Args:
+        rho: blending weight rho_0 (the authors' README: 1e-5), at most ``rho_max``. 0 gives
+            BinaryConnect.
+        rho_growth: factor applied at the start of every epoch (authors' ``rho_rate``; 1 keeps rho
+            constant, their function default 1.01 grows it toward ``rho_max``).
+        rho_max: cap of the schedule (authors: 0.01).
+    """
+
+    method_name = "bcgd"
+
+    def __init__(self, rho: float = 1e-5, rho_growth: float = 1.0, rho_max: float = 0.01) -> None:
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"BCGD rho={rho!r} must lie in [0, 1]")
+        if not rho_growth > 0.0:
+            raise ValueError(f"BCGD rho_growth={rho_growth!r} must be > 0")
+        if not 0.0 <= rho_max <= 1.0:
+            raise ValueError(f"BCGD rho_max={rho_max!r} must lie in [0, 1]")
+        if rho > rho_max:
+            raise ValueError(
+                f"BCGD rho={rho!r} exceeds rho_max={rho_max!r}, which would cap it; raise rho_max"
+            )
+        self.rho = float(rho)
+        self.rho_growth = float(rho_growth)
+        self.rho_max = float(rho_max)
+        self.value = rho_at(0, self.rho, self.rho_growth, self.rho_max)
+        self._rho: Tensor | None = None
+        self._layers: list[QuantConv2d | QuantLinear] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._layers = weight_quantized_layers(pl_module, "BCGD")
+
+    def _update(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.value = rho_at(trainer.current_epoch, self.rho, self.rho_growth, self.rho_max)
+        if self._rho is None or self._rho.device != pl_module.device:
+            self._rho = torch.zeros((), device=pl_module.device)
+        self._rho.fill_(self.value)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # also covers a mid-epoch resume, where on_train_epoch_start does not run
+        self._update(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._update(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        pl_module.log("bcgd/rho", self._rho, on_step=True, on_epoch=False)
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        assert self._rho is not None
+        with torch.no_grad():
+            for layer in self._layers:
+                blend_(layer.weight, training_weight(layer), self._rho)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rho": self.rho, "rho_growth": self.rho_growth, "rho_max": self.rho_max, "value": self.value}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = (state_dict["rho"], state_dict["rho_growth"], state_dict["rho_max"])
+        if saved != (self.rho, self.rho_growth, self.rho_max):
+            rank_zero_warn(
+                f"BCGD: the checkpoint was trained with (rho, rho_growth, rho_max)={saved}, this run uses "
+                f"{(self.rho, self.rho_growth, self.rho_max)}; the schedule continues with the new values"
+            )
+        self.value = float(state_dict["value"])

@@ -1,0 +1,40 @@
+"""The committed configs are exactly what scripts/make_configs.py writes, and every one parses."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlight.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p for p in (ROOT / "configs").glob("cifar*/*.yaml"))
+
+
+def test_configs_match_the_generator() -> None:
+    out = subprocess.run([sys.executable, "scripts/make_configs.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_experiment_names_model_data_and_loggers() -> None:
+    assert len(EXPERIMENTS) > 100
+    for path in EXPERIMENTS:
+        config = yaml.safe_load(path.read_text())
+        assert {"trainer", "model", "data"} <= config.keys(), path
+        assert config["data"]["class_path"].startswith("CIFAR"), path
+        loggers = [lg["class_path"] for lg in config["trainer"]["logger"]]
+        assert loggers == ["qlight.loggers.CSVLogger", "qlight.loggers.WandbLogger"], path
+
+
+@pytest.mark.parametrize(
+    "name", ["cifar10/resnet20_float.yaml", "cifar10/resnet20_ste_w2a4.yaml", "cifar100/vgg11_float.yaml"]
+)
+def test_configs_parse_and_build(name: str, cifar10_folder: Path, cifar100_pickle: Path, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    root = cifar100_pickle if name.startswith("cifar100") else cifar10_folder
+    cli = main(["--config", str(ROOT / "configs" / name), "--config", str(ROOT / "configs/logger/csv_only.yaml"),
+                "--data.root", str(root)], run=False)
+    assert cli.model.hparams["model"] in name
