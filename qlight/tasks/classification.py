@@ -20,7 +20,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from qlight.models import build_model
-from qlight.quant import QuantAct, QuantSpec, TensorQuantizer, clamp_alphas_, param_groups, quantize_model
+from qlight.quant import QuantAct, QuantSpec, TensorQuantizer, param_groups, quantize_model
 
 # The hyper-parameters hold a QuantSpec; resuming (`ckpt_path`) and `load_from_checkpoint` unpickle
 # with weights_only=True (torch >= 2.6), which refuses classes that are not allow-listed.
@@ -237,9 +237,6 @@ class ImageClassifier(LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # The authors clamp alpha to [alpha_min, alpha_max] in place before every use; projecting after
-        # each step is the same and keeps a diverging alpha from silencing a layer (a few scalar ops).
-        clamp_alphas_(self.model)
         # The authors clamp the stored alpha in place to [alpha_min, alpha_max] before every use. The
         # forward's clamp is straight-through, so without this a learned alpha drifts past it (even below
         # zero), stops moving the forward, and the layer stays dead. Idempotent between optimizer steps.
