@@ -19,6 +19,7 @@ import qlight
 import qlight.callbacks  # noqa: F401  (short class names in YAML)
 import qlight.data  # noqa: F401
 import qlight.loggers
+from qlight.data import DatasetError
 from qlight.loggers import RunInfo
 from qlight.tasks import ImageClassifier
 
@@ -120,7 +121,7 @@ def main(args: ArgsType = None, run: bool = True) -> QlightCLI:
     """
     try:
         return _build_cli(args, run)
-    except ConfigError as err:
+    except (ConfigError, DatasetError) as err:  # DatasetError: data checked when the run starts
         print(f"qlight: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

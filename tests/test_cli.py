@@ -75,6 +75,18 @@ def test_wrong_root_is_one_message_naming_the_path(
     assert len(err) == 1 and err[0].startswith("qlight: error:") and str(missing) in err[0]
 
 
+def test_wrong_root_with_download_is_one_message_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "no-such.zip"  # a .zip is never downloaded: the check runs when the run starts
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", FLOAT_TINY, "--data.root", str(missing), "--data.download", "true"])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qlight: error:")]
+    assert len(err) == 1 and str(missing) in err[0]
+
+
 def test_unknown_model_names_valid_choices(
     cifar10_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
