@@ -62,6 +62,13 @@ def test_fit_then_validate_reproduces_accuracy(
     val = main(["validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt)])
     assert float(val.trainer.callback_metrics["val/acc1"]) == pytest.approx(fit_acc, abs=1e-6)
 
+    if layout == "cifar10_folder":  # test and predict once; val_split=0 makes test == validation here
+        test = main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt)])
+        assert float(test.trainer.callback_metrics["test/acc1"]) == pytest.approx(fit_acc, abs=1e-6)
+        predict = main(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt)])
+        labels = torch.cat(predict.trainer.predict_loop.predictions)  # predicted class per test image
+        assert labels.shape == (40,) and 0 <= int(labels.min()) and int(labels.max()) < 10
+
 
 def test_wrong_root_is_one_message_naming_the_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
