@@ -52,3 +52,14 @@ def test_ste_w1a4_from_float_checkpoint(cifar10_folder: Path, tmp_path: Path, mo
 
     val = main(["validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt)])
     assert float(val.trainer.callback_metrics["val/acc1"]) == pytest.approx(fit_acc, abs=1e-6)
+
+
+def test_alpha_init_modes_are_acted_on() -> None:
+    from qlight.quant import QuantSpec
+
+    spec = QuantSpec(weight="binary", a_bits=4, alpha_init="calibrate")
+    assert ImageClassifier("resnet20", quant=spec).calibration_steps == 1
+    assert ImageClassifier("resnet20", quant=spec, alpha_calibration_steps=50).calibration_steps == 50
+    assert ImageClassifier("resnet20", quant=QuantSpec(weight="binary", a_bits=4)).calibration_steps == 0
+    with pytest.raises(ValueError, match="init_from"):
+        ImageClassifier("resnet20", quant=QuantSpec(weight="binary", a_bits=4, alpha_init="checkpoint"))

@@ -54,8 +54,8 @@ class ImageClassifier(LightningModule):
         alpha_lr_factor: learning-rate multiplier of the activation resolutions alpha.
         alpha_weight_decay: weight decay of alpha (``None``: the optimizer's; the BCGD code uses 1e-4).
         bias_weight_decay: weight decay of biases and BN shifts (``None``: the optimizer's).
-        alpha_calibration_steps: max-calibrate alpha (alpha = max(x)/L per batch) during the first
-            this-many optimizer steps of training.
+        alpha_calibration_steps: max-calibrate alpha (alpha = max|x|/L per batch) during the first
+            this-many optimizer steps of training (at least 1 when ``quant.alpha_init='calibrate'``).
         alpha_stage_epochs: max-calibrate alpha until this epoch and learn it afterwards (the BCGD
             code's ``stage``; 0 learns alpha from the first epoch).
         channels_last: keep weights and activations in channels-last memory format (faster convs
@@ -103,6 +103,12 @@ class ImageClassifier(LightningModule):
                 "alpha_calibration_steps/alpha_stage_epochs need quantized activations "
                 "(quant.act='relu_quant'); this model has none"
             )
+        # quant.alpha_init='calibrate' means max-calibration on at least the first step
+        self.calibration_steps = alpha_calibration_steps
+        if self.quant_spec is not None and self.quant_spec.alpha_init == "calibrate":
+            self.calibration_steps = max(1, alpha_calibration_steps)
+        if self.quant_spec is not None and self.quant_spec.alpha_init == "checkpoint" and not init_from:
+            raise ValueError("quant.alpha_init='checkpoint' needs model.init_from (the checkpoint holding alpha)")
         self._calibrating: bool | None = None
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -208,7 +214,7 @@ class ImageClassifier(LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         hp = self.hparams
-        calibrate = self.global_step < hp["alpha_calibration_steps"] or self.current_epoch < hp["alpha_stage_epochs"]
+        calibrate = self.global_step < self.calibration_steps or self.current_epoch < hp["alpha_stage_epochs"]
         if calibrate != self._calibrating:
             self._set_calibrating(calibrate)
 
