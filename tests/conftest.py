@@ -6,9 +6,11 @@ purpose copy it first.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from fakedata import FakeCifar, make_fake_cifar, write_image_folder, write_pickled, write_zip
 
 SHARED_CIFAR10_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
@@ -20,6 +22,15 @@ def qlight_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     path = tmp_path_factory.mktemp("qlight-cache")
     monkeypatch.setenv("QLIGHT_CACHE", str(path))
     return path
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread avoids oversubscription on shared 2-core CI machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

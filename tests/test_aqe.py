@@ -36,13 +36,7 @@ CONF = Path(__file__).parent / "conf" / "cifar10_convnet_aqe_tiny.yaml"
 
 
 # ---------------------------------------------------------------- hard quantizers, written out by hand
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """The tensors here are tiny: intra-op threads only add overhead (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def h_sign(x: Tensor) -> Tensor:

@@ -20,14 +20,7 @@ from qlight.quant import (
     uniform_weight,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on shared 2-core CI machines (~20x faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 # ---------------------------------------------------------------------------------------------- TensorQuantizer
