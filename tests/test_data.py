@@ -15,7 +15,6 @@ import pytest
 import torch
 from fakedata import FakeCifar, write_zip
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities.data import _update_dataloader
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
@@ -250,23 +249,41 @@ def _unnormalize(x: Tensor, dm: CIFAR10DataModule) -> Tensor:
     return ((x * std + mean) * 255).round().to(torch.uint8)
 
 
+def _fake_trainer(training: bool, epoch: int = 0, position: int = 0, rank: int = 0) -> Any:
+    """What ``on_after_batch_transfer`` reads of the trainer: the stage and the batch's position."""
+    progress = SimpleNamespace(current=SimpleNamespace(ready=position))
+    return SimpleNamespace(
+        training=training,
+        current_epoch=epoch,
+        global_rank=rank,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+    )
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_on_after_batch_transfer(cifar10_folder: Path, channels_last: bool) -> None:
     dm = _setup(CIFAR10DataModule(str(cifar10_folder), batch_size=16, channels_last=channels_last))
     images, labels = next(iter(dm.train_dataloader()))
     expected = normalize(images, MEAN10, STD10)
 
-    dm.trainer = SimpleNamespace(training=False)  # validation, test, predict: normalize only
+    dm.trainer = _fake_trainer(training=False)  # validation, test, predict: normalize only
     x, y = dm.on_after_batch_transfer((images, labels), 0)
     torch.testing.assert_close(x, expected)
     assert y is labels and x.is_contiguous(memory_format=torch.channels_last) == channels_last
 
-    dm.trainer = SimpleNamespace(training=True)
+    dm.trainer = _fake_trainer(training=True, epoch=2, position=5)
     x, _ = dm.on_after_batch_transfer((images, labels), 0)
     assert x.dtype == torch.float32 and x.shape == images.shape
     assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert not torch.equal(x, expected)
     _match_windows(_unnormalize(x, dm), images)
+
+    # the crops and flips are a function of the batch's (rank, epoch, position), not of the global RNG
+    torch.manual_seed(123)
+    assert torch.equal(dm.on_after_batch_transfer((images, labels), 0)[0], x)
+    for other in (_fake_trainer(True, 2, 6), _fake_trainer(True, 3, 5), _fake_trainer(True, 2, 5, rank=1)):
+        dm.trainer = other
+        assert not torch.equal(dm.on_after_batch_transfer((images, labels), 0)[0], x)
 
     dm.augment = False
     torch.testing.assert_close(dm.on_after_batch_transfer((images, labels), 0)[0], expected)
@@ -358,25 +375,30 @@ def test_invalid_arguments_name_the_field(cifar10_pickle: Path, field: str, valu
 # ---------------------------------------------------------------------------------------------- DDP
 
 
-def test_distributed_sampler_shards_the_training_set(cifar10_folder: Path) -> None:
-    """Lightning re-creates our loader around a DistributedSampler; check what each rank then reads."""
+def test_training_loader_shards_and_reshuffles_from_the_seed(cifar10_folder: Path) -> None:
+    """Each rank's loader reads a disjoint shard; the order is a function of (seed, epoch) only."""
     dm = _setup(CIFAR10DataModule(str(cifar10_folder), batch_size=8))
     dm.train_dataset = TensorBatchDataset(dm.train_dataset.images, torch.arange(len(dm.train_dataset)))
-    loader = dm.train_dataloader()
+
+    def epoch_ids(rank: int, epoch: int, seed: int = 0) -> Tensor:
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=epoch)  # type: ignore[assignment]
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("PL_GLOBAL_SEED", str(seed))
+            loader = dm.train_dataloader()
+        assert isinstance(loader.sampler, DistributedSampler)  # so Lightning does not wrap it again
+        batches = [ids for _, ids in loader]
+        assert len(batches) == len(loader) == 40 // 8 and all(len(ids) == 8 for ids in batches)
+        return torch.cat(batches)
+
     epochs = []
     for epoch in range(2):
-        ranks = []
-        for rank in range(2):
-            sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
-            sampler.set_epoch(epoch)
-            sharded = _update_dataloader(loader, sampler)
-            batches = [ids for _, ids in sharded]
-            assert len(batches) == 40 // 8 and all(len(ids) == 8 for ids in batches)
-            ranks.append(torch.cat(batches))
+        ranks = [epoch_ids(rank, epoch) for rank in range(2)]
         assert not set(ranks[0].tolist()) & set(ranks[1].tolist())
         assert sorted(torch.cat(ranks).tolist()) == list(range(80))
         epochs.append(ranks[0])
     assert not torch.equal(epochs[0], epochs[1])  # reshuffled every epoch
+    assert torch.equal(epoch_ids(0, 1), epochs[1])  # and the same order when asked again
+    assert not torch.equal(epoch_ids(0, 1, seed=1), epochs[1])  # another run seed, another order
 
 
 class _IdentifiedCIFAR10(CIFAR10DataModule):

@@ -8,6 +8,7 @@ from qlight.data.cifar import (
     TensorBatchDataset,
     default_cache_dir,
 )
+from qlight.data.sampling import ResumableDataLoader, ResumableSampler, batch_seed
 from qlight.data.sources import DatasetError
 
 __all__ = [
@@ -15,7 +16,10 @@ __all__ = [
     "CIFAR100DataModule",
     "CIFARDataModule",
     "DatasetError",
+    "ResumableDataLoader",
+    "ResumableSampler",
     "TensorBatchDataset",
+    "batch_seed",
     "default_cache_dir",
     "normalize",
     "normalize_affine",

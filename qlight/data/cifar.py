@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from qlight.data.augment import normalize_affine, random_crop_flip
+from qlight.data.sampling import ResumableDataLoader, ResumableSampler, batch_seed
 from qlight.data.sources import (
     CIFAR10,
     CIFAR100,
@@ -33,6 +34,11 @@ from qlight.data.sources import (
 def default_cache_dir() -> Path:
     """``$QLIGHT_CACHE`` if set, else ``~/.cache/qlight``: decoded datasets live outside the repo."""
     return Path(os.environ.get("QLIGHT_CACHE") or Path.home() / ".cache" / "qlight").expanduser()
+
+
+def run_seed() -> int:
+    """The seed ``seed_everything`` set for this run (Lightning's convention; 0 when none was set)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", "0"))
 
 
 class TensorBatchDataset(Dataset[tuple[Tensor, Tensor]]):
@@ -79,10 +85,13 @@ class CIFARDataModule(LightningDataModule):
     Set ``val_split > 0`` for honest model selection: that class-stratified fraction of the training
     set (fixed by ``seed``) is held out for validation, and ``test`` still uses the test set.
 
-    Under DDP, Lightning wraps the loaders' samplers in ``DistributedSampler`` (its default
-    ``use_distributed_sampler=True``): each rank reads its own shard of the training set, reshuffled
-    every epoch, and all ranks run the same number of batches. Evaluation shards are padded to equal
-    length, so report final accuracies from ``qlight validate``/``test`` on one device.
+    Training order and augmentation resume exactly, also from a checkpoint saved mid-epoch (see
+    :mod:`qlight.data.sampling`): each epoch's order is a permutation seeded by the run seed
+    (``seed_everything``) and the epoch, sharded over the ranks under DDP (each rank reads its own
+    shard, all ranks run the same number of batches), and every training batch's crops and flips
+    come from a generator seeded by the run seed, rank, epoch and batch position. Evaluation
+    shards under DDP are padded to equal length by Lightning, so report final accuracies from
+    ``qlight validate``/``test`` on one device.
 
     The augmentation runs in :meth:`on_after_batch_transfer`, which Lightning calls only when the
     DataModule is passed to the Trainer (``datamodule=``, as the CLI does), not for bare loaders.
@@ -168,6 +177,7 @@ class CIFARDataModule(LightningDataModule):
         self.val_dataset: TensorBatchDataset | None = None
         self.test_dataset: TensorBatchDataset | None = None
         self._scale_shift_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
         if not download:
             resolve_source(self.spec, root)  # fail at construction on a wrong root, on every rank
 
@@ -209,19 +219,32 @@ class CIFARDataModule(LightningDataModule):
     def _loader(self, dataset: TensorBatchDataset | None, train: bool) -> DataLoader[tuple[Tensor, Tensor]]:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
-        return DataLoader(
+        options: dict[str, Any] = {
+            "collate_fn": collate_batch,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+        }
+        if not train:
+            return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **options)
+        trainer = self.trainer
+        sampler = ResumableSampler(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            collate_fn=collate_batch,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            seed=run_seed(),
         )
+        # the epoch a resumed run continues (Lightning sets it again at every epoch start)
+        sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
+        loader = ResumableDataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **options
+        )
+        loader.trainer = trainer
+        return loader
 
     def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        """Shuffled uint8 batches of the training set, dropping the last incomplete batch."""
+        """Shuffled uint8 batches of (this rank's shard of) the training set, dropping the last
+        incomplete batch; resumable mid-epoch."""
         world_size = self.trainer.world_size if self.trainer is not None else 1
         if self.train_dataset is not None and len(self.train_dataset) < self.batch_size * world_size:
             raise DatasetError(
@@ -251,13 +274,29 @@ class CIFARDataModule(LightningDataModule):
             self._scale_shift_cache[device] = ((1 / (255 * std)).to(device), (-mean / std).to(device))
         return self._scale_shift_cache[device]
 
+    def _augment_generator(self, device: torch.device) -> torch.Generator:
+        """The device generator, re-seeded for the batch the training loop is about to run.
+
+        The seed depends only on the run seed, rank, epoch and the batch's position in the epoch
+        (Lightning's count of batches started so far, restored on resume), so a resumed run draws
+        the same crops and flips as an uninterrupted one. Seeding is a host-side operation.
+        """
+        trainer = self.trainer
+        assert trainer is not None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        position = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        seed = batch_seed(run_seed(), trainer.global_rank, trainer.current_epoch, position)
+        return self._generators[device].manual_seed(seed)
+
     def on_after_batch_transfer(
         self, batch: tuple[Tensor, Tensor], dataloader_idx: int
     ) -> tuple[Tensor, Tensor]:
         """Augment (training only) and normalize the uint8 batch on its device."""
         images, labels = batch
-        if self.augment and self.trainer is not None and self.trainer.training:
-            images = random_crop_flip(images, padding=4)
+        trainer = self.trainer
+        if self.augment and trainer is not None and trainer.training:
+            images = random_crop_flip(images, padding=4, generator=self._augment_generator(images.device))
         scale, shift = self._scale_shift(images.device)
         return normalize_affine(images, scale, shift, channels_last=self.channels_last), labels
 

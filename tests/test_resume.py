@@ -1,0 +1,148 @@
+"""Resume from a mid-epoch checkpoint with the real CIFAR DataModule continues the same run: the
+same remaining batches with the same crops and flips, and the same final weights, buffers and
+optimizer state as a run that was never interrupted (DESIGN.md, reliability rules)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
+
+from qlight.callbacks import BCGD
+from qlight.data import CIFAR10DataModule, ResumableSampler
+from qlight.quant import QuantSpec
+from qlight.tasks import ImageClassifier
+
+STEPS_PER_EPOCH = 10  # 80 fake training images, batch 8
+
+
+class BatchRecorder(Callback):
+    """(epoch, batch_idx, checksum of the augmented images, labels) of every training batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int, float, list[int]]] = []
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        images, labels = batch
+        self.batches.append((trainer.current_epoch, batch_idx, float(images.double().sum()), labels.tolist()))
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def _run(
+    root: Path, tmp_path: Path, callbacks: list[Callback], ckpt_path: str | None = None
+) -> tuple[ImageClassifier, Trainer]:
+    seed_everything(7)
+    task = ImageClassifier(
+        model="resnet20",
+        quant=QuantSpec(weight="binary", act="relu_quant", a_bits=4),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4),
+        alpha_calibration_steps=3,
+    )
+    data = CIFAR10DataModule(str(root), batch_size=8, pin_memory=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        callbacks=[BCGD(rho=1e-3, rho_growth=2.0), *callbacks],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        deterministic=True,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
+    return task, trainer
+
+
+def _state(task: ImageClassifier, trainer: Trainer) -> dict[str, Tensor]:
+    state = {f"model.{k}": v.clone() for k, v in task.state_dict().items()}
+    for i, s in trainer.optimizers[0].state_dict()["state"].items():
+        state.update({f"optim.{i}.{k}": v.clone() for k, v in s.items() if isinstance(v, Tensor)})
+    return state
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("crash_step", [13, STEPS_PER_EPOCH], ids=["mid_epoch", "epoch_boundary"])
+def test_crash_then_resume_reads_the_same_batches_and_ends_identical(
+    cifar10_pickle: Path, tmp_path: Path, crash_step: int
+) -> None:
+    straight = BatchRecorder()
+    task, trainer = _run(cifar10_pickle, tmp_path / "straight", [straight])
+    assert len(straight.batches) == 2 * STEPS_PER_EPOCH
+    # epochs are reshuffled and re-augmented
+    assert straight.batches[0][2:] != straight.batches[STEPS_PER_EPOCH][2:]
+
+    at_crash = ModelCheckpoint(
+        tmp_path / "ckpt", filename="{step}", every_n_train_steps=crash_step, save_top_k=-1
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(cifar10_pickle, tmp_path / "crashed", [CrashAt(crash_step), at_crash])
+    resumed = BatchRecorder()
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        resumed_task, resumed_trainer = _run(
+            cifar10_pickle,
+            tmp_path / "resumed",
+            [resumed],
+            ckpt_path=str(tmp_path / "ckpt" / f"step={crash_step}.ckpt"),
+        )
+    assert not [w for w in warned if "not resumable" in str(w.message)]
+
+    assert resumed.batches == straight.batches[crash_step:]
+    a, b = _state(task, trainer), _state(resumed_task, resumed_trainer)
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_sampler_resumes_after_the_samples_already_read() -> None:
+    """Rank r of R reads positions r, r+R, ... of the epoch's permutation, so a resumed epoch skips a
+    prefix of each rank's shard; the skip applies to the saved epoch only, once."""
+    data = list(range(20))
+    samplers = [ResumableSampler(data, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    for s in samplers:
+        s.set_epoch(4)
+    full = [list(s) for s in samplers]
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(3 + 4)).tolist()
+    assert full == [order[0::2], order[1::2]]
+
+    samplers[0].resume(epoch=4, skip=3)
+    assert list(samplers[0]) == full[0][3:]
+    assert list(samplers[0]) == full[0]  # once only
+    samplers[1].resume(epoch=4, skip=3)
+    samplers[1].set_epoch(5)
+    assert len(list(samplers[1])) == 10  # a later epoch is not shortened
+
+
+def test_loader_state_is_a_prefix_of_the_epoch(cifar10_pickle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader's checkpointed state counts finished batches over all ranks and restores that skip."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    data = CIFAR10DataModule(str(cifar10_pickle), batch_size=8, pin_memory=False)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    assert loader.state_dict() == {"epoch": 0, "samples": 0, "seed": 0, "num_samples": 80}
+    loader.load_state_dict({"epoch": 0, "samples": 24, "seed": 0, "num_samples": 80})
+    assert len(list(loader)) == STEPS_PER_EPOCH - 3
+
+    with pytest.warns(UserWarning, match="num_samples: 40 -> 80"):
+        loader.load_state_dict({"epoch": 0, "samples": 24, "seed": 0, "num_samples": 40})
+    assert len(list(loader)) == STEPS_PER_EPOCH
