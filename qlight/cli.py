@@ -127,7 +127,19 @@ def main(args: ArgsType = None, run: bool = True) -> QlightCLI:
 
 
 def console_main() -> None:
-    """The ``qlight`` console script: run the CLI and exit 0 on success (main returns the CLI object)."""
+    """The ``qlight`` console script: run the CLI and exit 0 on success (main returns the CLI object).
+
+    ``qlight export --ckpt_path C`` writes the truly quantized model of a checkpoint (:mod:`qlight.export`).
+    """
+    if sys.argv[1:2] == ["export"]:
+        from qlight.export import main as export_main
+
+        try:
+            export_main(sys.argv[2:])
+        except (FileNotFoundError, ValueError) as err:
+            print(f"qlight: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
     main()
 
 
