@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 import qlight
-import qlight.callbacks  # noqa: F401  (short class names in YAML)
-import qlight.data  # noqa: F401
+import qlight.callbacks
+import qlight.data
 import qlight.loggers
 from qlight.data import DatasetError
 from qlight.loggers import RunInfo

@@ -393,7 +393,8 @@ def test_cli_fit_logs_the_alpha_schedule(
     monkeypatch.chdir(tmp_path)
     cli = main(["fit", "--config", str(CONF), "--data.root", str(cifar10_zip)])
     assert [type(cb).__name__ for cb in cli.trainer.callbacks if isinstance(cb, AQE)] == ["AQE"]
-    rows = list(csv.DictReader(open(next(tmp_path.glob("logs/**/metrics.csv")))))
+    with open(next(tmp_path.glob("logs/**/metrics.csv"))) as metrics:
+        rows = list(csv.DictReader(metrics))
     alpha = [float(r["aqe/alpha"]) for r in rows if r.get("aqe/alpha")]
     assert alpha == [0.5, 0.75, 1.0]
     assert any(r.get("val/acc1") for r in rows)

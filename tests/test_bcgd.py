@@ -92,7 +92,7 @@ def batches(n: int = 8, batch_size: int = 8, seed: int = 0) -> list[tuple[Tensor
 
 def loader(n: int = 8, batch_size: int = 8, seed: int = 0) -> DataLoader[tuple[Tensor, Tensor]]:
     """Unshuffled random 3x8x8 images with random labels."""
-    x, y = (torch.cat(t) for t in zip(*batches(n, batch_size, seed)))
+    x, y = (torch.cat(t) for t in zip(*batches(n, batch_size, seed), strict=True))
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
@@ -178,7 +178,7 @@ def crash_and_resume(
     **task_kwargs: Any,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], list[Callback], list[Callback]]:
     """Final states of an uninterrupted run and of a crashed-then-resumed one (plus their callbacks)."""
-    val = DataLoader(TensorDataset(*(torch.cat(t) for t in zip(*data[:1]))), batch_size=8)
+    val = DataLoader(TensorDataset(*(torch.cat(t) for t in zip(*data[:1], strict=True))), batch_size=8)
 
     def run(
         callbacks: list[Callback], ckpt_path: str | None = None, checkpoint: ModelCheckpoint | None = None
@@ -445,7 +445,7 @@ def test_alpha_is_calibrated_before_the_stage_epoch_and_learned_after() -> None:
     for s in before:
         assert all(s["calibrating"])
         assert all(torch.equal(g, torch.zeros_like(g)) for g in s["grad"])  # no gradient, only calibration
-        for alpha, stat in zip(s["alpha"], s["stat"]):
+        for alpha, stat in zip(s["alpha"], s["stat"], strict=True):
             torch.testing.assert_close(alpha, stat)  # alpha = max|x| / L of the last forward
     for s in after:
         assert not any(s["calibrating"])
@@ -472,7 +472,7 @@ def test_validation_never_calibrates_alpha() -> None:
     task = make_task(alpha_stage_epochs=2)
     make_trainer([spy], max_epochs=1).fit(task, loader(2), loader(2, seed=1))
     ((start, end),) = spy.pairs
-    assert all(torch.equal(a, b) for a, b in zip(start, end))
+    assert all(torch.equal(a, b) for a, b in zip(start, end, strict=True))
 
 
 def test_stage_zero_learns_alpha_from_the_start() -> None:

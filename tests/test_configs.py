@@ -14,7 +14,7 @@ EXPERIMENTS = sorted(p for p in (ROOT / "configs").glob("cifar*/*.yaml"))
 
 
 def test_configs_match_the_generator() -> None:
-    out = subprocess.run([sys.executable, "scripts/make_configs.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "scripts/make_configs.py", "--check"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -165,7 +165,7 @@ def test_uniform4_equals_authors_loop():
         if seed % 2 == 0:
             w = with_ties(w, seed)
             d = w.abs().max() / 15
-            n_ties += int(sum(((w.abs() == k * d).sum() for k in (1, 3, 5, 7, 9, 11, 13))))
+            n_ties += int(sum((w.abs() == k * d).sum() for k in (1, 3, 5, 7, 9, 11, 13)))
         assert torch.equal(uniform_weight(w, 4), authors_fbit(w)), seed
     assert n_ties > 1000
     # exactly representable grid: ties at every odd multiple of δ0 = 0.125

@@ -72,8 +72,8 @@ def test_tensor_quantizer_state_and_repr():
         ({"quantizer": "sign", "bits": 2}, r"bits=2 is not supported by quantizer='sign'; valid: \[1\]"),
         ({"quantizer": "lsq"}, r"quantizer='lsq' is not supported; valid: \['binary', 'pow2', 'pow2_unit', 'sign'"),
         ({"quantizer": "sign", "per_channel": True}, r"per_channel=True is not supported by quantizer='sign'"),
-        ({"quantizer": "binary", "quantizer_kwargs": {"threshold": 1}}, r"key 'threshold' is not accepted by "
-         r"quantizer='binary'; valid: \['scale'\]"),
+        ({"quantizer": "binary", "quantizer_kwargs": {"threshold": 1}}, (r"key 'threshold' is not accepted by "
+         r"quantizer='binary'; valid: \['scale'\]")),
         ({"quantizer": "binary", "quantizer_kwargs": {"scale": "max"}}, r"scale='max' is not supported"),
         ({"estimator": "lsq"}, r"estimator='lsq' is not registered; valid: \["),
         ({"estimator": "aqe", "estimator_kwargs": {"rule": "x"}}, r"bad estimator_kwargs for estimator='aqe'"),

@@ -245,7 +245,7 @@ def test_calibration_toggle_and_bcgd_style_blend():
     rho = 0.1
     with torch.no_grad():
         before = {n: m.weight.clone() for n, m in quant_layers(model)}
-        for n, m in quant_layers(model):
+        for _, m in quant_layers(model):
             m.weight.lerp_(m.quantized_weight(), rho)
     for n, m in quant_layers(model):
         torch.testing.assert_close(m.weight, 0.9 * before[n] + 0.1 * binary_weight(before[n]))

@@ -109,7 +109,7 @@ def init_like_bcgd(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _make(depth: int):  # noqa: ANN202 - tiny factory
+def _make(depth: int):
     def factory(num_classes: int = 10, share_block_act: bool = True) -> CifarResNet:
         return CifarResNet(depth, num_classes, share_block_act)
 

@@ -32,13 +32,13 @@ from .functional import _fp, act_quant, check_choice
 
 __all__ = [
     "ALPHA_RULES",
-    "ESTIMATORS",
-    "X_RULES",
     "AQE",
     "EDE",
+    "ESTIMATORS",
+    "STE",
+    "X_RULES",
     "ClippedSTE",
     "Estimator",
-    "STE",
     "alpha_grad_factor",
     "build_estimator",
     "get_estimator",

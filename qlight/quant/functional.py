@@ -16,6 +16,7 @@ References: BCGD (Yin et al., arXiv 1808.05240; official code penhunt/full-quant
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -205,7 +206,7 @@ def _pow2_thresholds(bits: int, thresholds: Sequence[float] | None) -> tuple[flo
         return None
     m = 2 ** (bits - 1) - 1
     th = tuple(float(t) for t in thresholds)
-    if len(th) != m or any(t <= 0 for t in th) or any(b <= a for a, b in zip(th, th[1:])):
+    if len(th) != m or any(t <= 0 for t in th) or any(b <= a for a, b in itertools.pairwise(th)):
         raise ValueError(
             f"thresholds={list(thresholds)!r} must be {m} strictly increasing positive numbers for bits={bits} "
             f"([zero threshold, then one boundary per pair of adjacent non-zero levels]; "

@@ -18,7 +18,7 @@ set the scheduled knobs that callbacks drive (``mix``, α calibration).
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -38,12 +38,12 @@ __all__ = [
     "LAYER_CHOICES",
     "QuantSpec",
     "clamp_alphas_",
+    "iter_quant_modules",
     "param_groups",
     "quant_acts",
     "quant_layers",
     "quantize_model",
     "quantized_weights",
-    "iter_quant_modules",
     "set_calibrating",
     "set_mix",
     "tensor_quantizers",
@@ -102,22 +102,22 @@ class QuantSpec:
     """
 
     weight: str = "binary"
-    w_bits: Optional[int] = None
-    w_scale: Optional[str] = None
-    w_threshold: Optional[float] = None
+    w_bits: int | None = None
+    w_scale: str | None = None
+    w_threshold: float | None = None
     per_channel: bool = False
     w_estimator: str = "ste"
     w_estimator_kwargs: dict[str, Any] = field(default_factory=dict)
     act: Literal["relu_quant", "hardtanh_quant", "float"] = "relu_quant"
     a_bits: int = 4
-    a_quantizer: Optional[str] = None
+    a_quantizer: str | None = None
     a_estimator: str = "ste"
     a_estimator_kwargs: dict[str, Any] = field(default_factory=dict)
     a_mode: Literal["ceil", "round"] = "ceil"
     x_rule: Literal["identity", "relu", "clipped"] = "clipped"
     alpha_rule: Literal["ae", "mean", "min", "pact"] = "mean"
     rate_factor: float = 0.01
-    alpha_init: Union[float, str] = "table"
+    alpha_init: float | str = "table"
     first_layer: Literal["quantized", "float", "8bit"] = "quantized"
     last_layer: Literal["quantized", "float", "8bit"] = "float"
 
@@ -211,7 +211,7 @@ class QuantSpec:
 
     # ---------------------------------------------------------------------------------------------------
     @property
-    def weight_bits(self) -> Optional[int]:
+    def weight_bits(self) -> int | None:
         """``w_bits``, or the weight quantizer's natural width when it is None (None for ``weight='float'``)."""
         if self.weight == "float":
             return None
@@ -228,7 +228,7 @@ class QuantSpec:
         """Plain dict of the fields, e.g. for ``save_hyperparameters`` or logging."""
         return dataclasses.asdict(self)
 
-    def weight_quantizer(self, role: str = "quantized") -> Optional[TensorQuantizer]:
+    def weight_quantizer(self, role: str = "quantized") -> TensorQuantizer | None:
         """A fresh weight :class:`TensorQuantizer` for a layer with the given role (None for ``float``)."""
         if role == "float" or (role == "quantized" and self.weight == "float"):
             return None
@@ -245,7 +245,7 @@ class QuantSpec:
             estimator=self.w_estimator, estimator_kwargs=self.w_estimator_kwargs,
         )
 
-    def quant_act(self, device: Optional[torch.device] = None) -> QuantAct:
+    def quant_act(self, device: torch.device | None = None) -> QuantAct:
         """A fresh :class:`QuantAct` (act = relu_quant)."""
         a0 = self.alpha_init if isinstance(self.alpha_init, float) else None
         return QuantAct(
@@ -271,7 +271,7 @@ def _roles(model: nn.Module, spec: QuantSpec) -> dict[int, str]:
     return roles
 
 
-def quantize_model(model: nn.Module, spec: Optional[QuantSpec] = None) -> nn.Module:
+def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module:
     """Convert ``model`` in place (and return it) according to ``spec``; call before building optimizers.
 
     - every ``nn.Conv2d`` → :class:`QuantConv2d`, every ``nn.Linear`` → :class:`QuantLinear` (sharing the
@@ -291,7 +291,7 @@ def quantize_model(model: nn.Module, spec: Optional[QuantSpec] = None) -> nn.Mod
     device = p.device if p is not None else None
     memo: dict[int, nn.Module] = {}
     for m in model.modules():
-        new: Optional[nn.Module] = None
+        new: nn.Module | None = None
         if id(m) in roles:
             wq = spec.weight_quantizer(roles[id(m)])
             if wq is not None:
@@ -317,7 +317,7 @@ def quantize_model(model: nn.Module, spec: Optional[QuantSpec] = None) -> nn.Mod
 # helpers for tasks and callbacks
 
 
-def quant_layers(model: nn.Module) -> list[tuple[str, Union[QuantConv2d, QuantLinear]]]:
+def quant_layers(model: nn.Module) -> list[tuple[str, QuantConv2d | QuantLinear]]:
     """``(name, layer)`` for every weight-quantized layer (QuantConv2d/QuantLinear), each module once."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
 
@@ -345,7 +345,7 @@ def tensor_quantizers(
 
 
 @torch.no_grad()
-def set_mix(model: nn.Module, value: Union[float, Tensor], role: Literal["all", "weight", "act"] = "all") -> None:
+def set_mix(model: nn.Module, value: float | Tensor, role: Literal["all", "weight", "act"] = "all") -> None:
     """In place ``mix ← value`` on the selected TensorQuantizers (BinaryRelax η/(1+η), AQE α). No host sync."""
     for _, q in tensor_quantizers(model, role):
         if isinstance(value, Tensor):

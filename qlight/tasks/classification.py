@@ -152,7 +152,7 @@ class ImageClassifier(LightningModule):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(state, dict):
-            raise ValueError(f"model.init_from={str(path)!r} holds neither a Lightning checkpoint nor a state_dict")
+            raise TypeError(f"model.init_from={str(path)!r} holds neither a Lightning checkpoint nor a state_dict")
         state = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith(("_", "train_", "val_", "test_"))}
         own = self.model.state_dict()
         unknown = sorted(k for k in state if k not in own)
