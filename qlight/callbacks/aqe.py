@@ -30,6 +30,7 @@ from qlight.callbacks.schedules import AQE_R1, EDE_T, Schedule
 from qlight.quant import AQE as AQEEstimator
 from qlight.quant import EDE as EDEEstimator
 from qlight.quant import quant_layers, tensor_quantizers
+from qlight.tasks.logging import step_logging_due
 
 __all__ = ["AQE", "EDE", "Knob", "LatentWeightClip", "ScheduledKnobs", "clip_weights_"]
 
@@ -82,6 +83,7 @@ class ScheduledKnobs(Callback):
         self.current: dict[str, float] = {}
         self._per_step = False
         self._totals: dict[str, int | None] = {}
+        self._logged_epoch: int | None = None
 
     def build_knobs(self, pl_module: LightningModule) -> list[Knob]:
         raise NotImplementedError
@@ -111,6 +113,7 @@ class ScheduledKnobs(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.current = {}  # the checkpoint may have replaced the buffers' values: write them all
+        self._logged_epoch = None
         units = {k.schedule.unit for k in self.knobs if k.schedule.ramp is None}
         self._totals = {unit: _run_length(trainer, unit) for unit in units}
         self._apply(trainer)
@@ -123,12 +126,17 @@ class ScheduledKnobs(Callback):
     ) -> None:
         if self._per_step:
             self._apply(trainer)
+        # per-epoch knobs once per epoch; per-step knobs on the steps whose values get written
+        new_epoch = self._logged_epoch != trainer.current_epoch
+        step_due = self._per_step and step_logging_due(trainer, batch_idx)
         for knob in self.knobs:
             per_step = knob.schedule.unit == "step"
-            pl_module.log(
-                f"{self.method_name}/{knob.name}", knob.buffers[0], on_step=per_step, on_epoch=not per_step,
-                batch_size=1,
-            )
+            if step_due if per_step else new_epoch:
+                pl_module.log(
+                    f"{self.method_name}/{knob.name}", knob.buffers[0], on_step=per_step, on_epoch=not per_step,
+                    batch_size=1,
+                )
+        self._logged_epoch = trainer.current_epoch
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedules": {k: dataclasses.asdict(s) for k, s in self.schedules().items()}}

@@ -104,6 +104,7 @@ class BCGD(Callback):
         self.rho_max = float(rho_max)
         self.value = rho_at(0, self.rho, self.rho_growth, self.rho_max)
         self._rho: Tensor | None = None
+        self._logged_epoch: int | None = None
         self._layers: list[QuantConv2d | QuantLinear] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -118,6 +119,7 @@ class BCGD(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # also covers a mid-epoch resume, where on_train_epoch_start does not run
         self._update(trainer, pl_module)
+        self._logged_epoch = None
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._update(trainer, pl_module)
@@ -125,7 +127,9 @@ class BCGD(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        pl_module.log("bcgd/rho", self._rho, on_step=True, on_epoch=False)
+        if self._logged_epoch != trainer.current_epoch:  # rho is constant within an epoch: log it once
+            pl_module.log("bcgd/rho", self._rho, on_step=False, on_epoch=True, batch_size=1)
+            self._logged_epoch = trainer.current_epoch
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from qlight.callbacks.bcgd import weight_quantized_layers
 from qlight.quant import TensorQuantizer
+from qlight.tasks.logging import step_logging_due
 
 __all__ = ["BinaryRelax", "relaxation_at"]
 
@@ -126,8 +127,9 @@ class BinaryRelax(Callback):
                 for q in self._quantizers:
                     q.mix.fill_(self.mix)
             self._applied = self.eta
-        pl_module.log("binaryrelax/eta", self._eta, on_step=True, on_epoch=False)
-        pl_module.log("binaryrelax/mix", self._mix, on_step=True, on_epoch=False)
+        if step_logging_due(trainer, batch_idx):
+            pl_module.log("binaryrelax/eta", self._eta, on_step=True, on_epoch=False)
+            pl_module.log("binaryrelax/mix", self._mix, on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {

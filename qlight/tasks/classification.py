@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from qlight.models import build_model
 from qlight.quant import QuantAct, QuantSpec, TensorQuantizer, param_groups, quantize_model
+from qlight.tasks.logging import step_logging_due
 
 # The hyper-parameters hold a QuantSpec; resuming (`ckpt_path`) and `load_from_checkpoint` unpickle
 # with weights_only=True (torch >= 2.6), which refuses classes that are not allow-listed.
@@ -116,17 +117,25 @@ class ImageClassifier(LightningModule):
         top5 = min(5, num_classes)
         metrics = MetricCollection(
             {
-                "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                f"acc{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
+                # validate_args=False: the checks call torch.unique on the targets, a host sync per step
+                "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False),
+                f"acc{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro", validate_args=False),
             }
         )
-        self.train_metrics = metrics.clone(prefix="train/")
+        # training accuracy as device-side hit counts (top-1, top-k), reduced over ranks at epoch end:
+        # a torchmetrics update per step costs more Python than a small CIFAR network's forward
+        self.top_k = top5
+        self.register_buffer("_train_hits", torch.zeros(2, dtype=torch.long), persistent=False)
+        self._train_seen = 0
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         # step index of the first non-finite loss (-1: none); kept on the device so checking it
         # costs no host sync in the step
         self.register_buffer("_nonfinite_step", torch.tensor(-1, dtype=torch.long), persistent=False)
         self.register_buffer("_step_counter", torch.tensor(0, dtype=torch.long), persistent=False)
+        # train/loss is the mean over the steps since it was last logged (summed on the device)
+        self.register_buffer("_loss_sum", torch.tensor(0.0), persistent=False)
+        self._loss_count = 0
 
     # ------------------------------------------------------------------ set-up
     def configure_model(self) -> None:
@@ -211,6 +220,10 @@ class ImageClassifier(LightningModule):
     def on_train_start(self) -> None:
         self._step_counter.fill_(self.global_step)
         self._nonfinite_step.fill_(-1)
+        self._loss_sum.zero_()
+        self._loss_count = 0
+        self._train_hits.zero_()
+        self._train_seen = 0
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         hp = self.hparams
@@ -237,9 +250,16 @@ class ImageClassifier(LightningModule):
             first_bad = (self._nonfinite_step < 0) & ~torch.isfinite(loss)
             self._nonfinite_step.copy_(torch.where(first_bad, self._step_counter, self._nonfinite_step))
             self._step_counter.add_(1)
-        self.log("train/loss", loss)
-        self.train_metrics.update(logits.detach(), y)
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        self._loss_sum.add_(loss.detach())
+        self._loss_count += 1
+        if step_logging_due(self.trainer, batch_idx):
+            self.log("train/loss", self._loss_sum / self._loss_count)
+            self._loss_sum.zero_()
+            self._loss_count = 0
+        with torch.no_grad():
+            hits = logits.topk(self.top_k, dim=1).indices == y.unsqueeze(1)
+            self._train_hits.add_(torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]))
+        self._train_seen += len(y)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -254,6 +274,30 @@ class ImageClassifier(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._raise_if_nonfinite()
+        if self._train_seen:
+            seen = torch.tensor([self._train_seen], device=self._train_hits.device)
+            hits, seen = self.trainer.strategy.reduce(torch.cat([self._train_hits, seen]), reduce_op="sum").split(2)
+            accuracy = hits.double() / seen.double()
+            self.log_dict({"train/acc1": accuracy[0].float(), f"train/acc{self.top_k}": accuracy[1].float()})
+        self._train_hits.zero_()
+        self._train_seen = 0
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics(self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics(self.test_metrics)
+
+    def _log_epoch_metrics(self, metrics: MetricCollection) -> None:
+        """Log the epoch's accuracies (synchronised over DDP ranks by torchmetrics) and reset them.
+
+        Computed once per epoch here rather than by logging the metric objects in every step:
+        Lightning moves a logged metric object to the device on every ``log`` call, which cost
+        more per step than the model's forward for small CIFAR networks.
+        """
+        if any(m.update_called for m in metrics.values()):
+            self.log_dict(metrics.compute())
+        metrics.reset()
 
     def _raise_if_nonfinite(self) -> None:
         step = int(self._nonfinite_step)
@@ -268,7 +312,6 @@ class ImageClassifier(LightningModule):
         logits = self(x)
         self.log(f"{stage}/loss", self._loss(logits, y), sync_dist=True)
         metrics.update(logits, y)
-        self.log_dict(metrics, on_step=False, on_epoch=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_metrics)
