@@ -25,15 +25,31 @@ CONFIGS = ROOT / "configs"
 
 Experiment = tuple[str, dict[str, Any]]
 
-DATASETS = {
-    "cifar10": {"class_path": "CIFAR10DataModule", "root": "data/cifar10"},
-    "cifar100": {"class_path": "CIFAR100DataModule", "root": "data/cifar100"},
+#: dataset -> its ``data:`` block
+DATASETS: dict[str, dict[str, Any]] = {
+    "cifar10": {
+        "class_path": "CIFAR10DataModule",
+        "init_args": {
+            "root": "data/cifar10",
+            "download": True,
+            "batch_size": 128,
+            "num_workers": 0,  # batches are slices of in-memory tensors; workers only add copies
+        },
+    },
+    "cifar100": {
+        "class_path": "CIFAR100DataModule",
+        "init_args": {"root": "data/cifar100", "download": True, "batch_size": 128, "num_workers": 0},
+    },
+    "imagenet": {
+        "class_path": "ImageNetDataModule",
+        "init_args": {"root": "data/imagenet", "batch_size": 256, "num_workers": 8},
+    },
 }
+CIFAR = ("cifar10", "cifar100")
 
 
 def shared_blocks(dataset: str) -> dict[str, Any]:
     """Trainer, logging and data settings every experiment starts from."""
-    data = DATASETS[dataset]
     return {
         "seed_everything": 0,
         "trainer": {
@@ -44,21 +60,16 @@ def shared_blocks(dataset: str) -> dict[str, Any]:
             "log_every_n_steps": 50,
             "logger": [
                 {"class_path": "qlight.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
-                {"class_path": "qlight.loggers.WandbLogger", "init_args": {"project": "qlight", "save_dir": "logs"}},
+                {
+                    "class_path": "qlight.loggers.WandbLogger",
+                    "init_args": {"project": "qlight", "save_dir": "logs"},
+                },
             ],
             "callbacks": [
                 {"class_path": "LearningRateMonitor", "init_args": {"logging_interval": "epoch"}},
             ],
         },
-        "data": {
-            "class_path": data["class_path"],
-            "init_args": {
-                "root": data["root"],
-                "download": True,
-                "batch_size": 128,
-                "num_workers": 0,  # batches are slices of in-memory tensors; workers only add copies
-            },
-        },
+        "data": copy.deepcopy(DATASETS[dataset]),
     }
 
 
@@ -79,7 +90,7 @@ def sgd_recipe(momentum: float = 0.95, milestones: tuple[int, ...] = (80, 140)) 
 def float_experiments() -> list[Experiment]:
     """Float baselines: the first stage of every BCGD/BinaryConnect recipe."""
     out = []
-    for dataset in DATASETS:
+    for dataset in CIFAR:
         for arch in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg11"):
             out.append(
                 (
@@ -87,7 +98,10 @@ def float_experiments() -> list[Experiment]:
                     {
                         "_comment": f"Float {arch} on {dataset}: BCGD code recipe (SGD 0.1, momentum 0.95, "
                         "wd 1e-4, 200 epochs, lr x0.1 at 80/140). Stage 1 of the BCGD flow.",
-                        "model": {"class_path": "ImageClassifier", "init_args": {"model": arch, **sgd_recipe()}},
+                        "model": {
+                            "class_path": "ImageClassifier",
+                            "init_args": {"model": arch, **sgd_recipe()},
+                        },
                     },
                 )
             )
@@ -96,7 +110,11 @@ def float_experiments() -> list[Experiment]:
 
 def ste_experiments() -> list[Experiment]:
     """STE / BinaryConnect (BCGD with rho = 0) with every conv quantized and the last linear float."""
-    weights = {1: {"weight": "binary", "w_bits": 1}, 2: {"weight": "ternary", "w_bits": 2}, 4: {"weight": "uniform", "w_bits": 4}}
+    weights = {
+        1: {"weight": "binary", "w_bits": 1},
+        2: {"weight": "ternary", "w_bits": 2},
+        4: {"weight": "uniform", "w_bits": 4},
+    }
     out = []
     for w_bits, wspec in weights.items():
         quant = {**wspec, "act": "relu_quant", "a_bits": 4, "first_layer": "quantized", "last_layer": "float"}
@@ -140,7 +158,9 @@ def fragments() -> list[Experiment]:
             "logger/csv_only.yaml",
             {
                 "_comment": "Log to CSV only (no W&B).",
-                "trainer": {"logger": [{"class_path": "qlight.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}]},
+                "trainer": {
+                    "logger": [{"class_path": "qlight.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}]
+                },
             },
         ),
     ]
@@ -161,7 +181,7 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any], path: str = "") -> d
 
 def _method_modules() -> list[list[Experiment]]:
     lists = []
-    for name in ("configs_bcgd", "configs_aqe"):
+    for name in ("configs_bcgd", "configs_aqe", "configs_imagenet"):
         file = Path(__file__).with_name(f"{name}.py")
         if file.exists():
             spec = importlib.util.spec_from_file_location(name, file)

@@ -90,3 +90,24 @@ def shared_cifar10_zip() -> Path:
     if not SHARED_CIFAR10_ZIP.is_file():
         pytest.skip(f"real CIFAR-10 zip not found at {SHARED_CIFAR10_ZIP} (see ../shared/data/README.md)")
     return SHARED_CIFAR10_ZIP
+
+
+@pytest.fixture(scope="session")
+def imagenet_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ImageNet layout: ``root/{train,val}/n0000000{0,1,2}/*.JPEG`` (plus one PNG), images of
+    varied sizes and aspect ratios; 8 training and 2 validation images per class."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagenet")
+    g = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", 8), ("val", 2)):
+        for c in range(3):
+            folder = root / split / f"n0000000{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                h, w = (int(v) for v in torch.randint(24, 56, (2,), generator=g))
+                pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g)
+                pixels[..., c] = 255  # a class-dependent colour, so a tiny model can learn something
+                ext = "png" if (split, c, i) == ("train", 0, 0) else "JPEG"
+                Image.fromarray(pixels.numpy()).save(folder / f"{split}_{c}_{i}.{ext}")
+    return root

@@ -27,6 +27,7 @@ class RankAgreement(Callback):
 
     def __init__(self) -> None:
         self.checks = 0
+        self.expected_acc1: list[float] = []
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -47,6 +48,16 @@ class RankAgreement(Callback):
         assert inputs[0] != inputs[1], "ranks must train on different data, or agreement is trivial"
         self.checks += 1
 
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # runs before the module's hook reduces its hit counters: the expected all-rank accuracy
+        hits = trainer.strategy.all_gather(pl_module._train_hits).sum(0)
+        seen = trainer.strategy.all_gather(torch.tensor(pl_module._train_seen)).sum()
+        self.expected_acc1.append(float(hits[0] / seen))
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.expected_acc1:  # the previous epoch's logged value counts both ranks' samples
+            assert float(trainer.callback_metrics["train/acc1"]) == pytest.approx(self.expected_acc1[-1])
+
 
 def _worker(rank: int, port: int) -> None:
     """One DDP rank, launched externally the way torchrun/srun do (Lightning then does not re-launch).
@@ -66,6 +77,9 @@ def _worker(rank: int, port: int) -> None:
     trainer.fit(task, loader(8))
     # 8 batches over 2 ranks = 4 steps per epoch, each checked on both ranks
     assert trainer.world_size == 2 and agreement.checks == 8
+    # the logged training accuracy counts both ranks' samples (epoch 0: 1/32 and 3/32 on the ranks)
+    assert float(trainer.callback_metrics["train/acc1"]) == pytest.approx(agreement.expected_acc1[-1])
+    assert len(agreement.expected_acc1) == 2
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="CPU DDP with gloo is tested on POSIX")

@@ -38,3 +38,22 @@ def test_configs_parse_and_build(name: str, cifar10_folder: Path, cifar100_pickl
     cli = main(["--config", str(ROOT / "configs" / name), "--config", str(ROOT / "configs/logger/csv_only.yaml"),
                 "--data.root", str(root)], run=False)
     assert cli.model.hparams["model"] in name
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "imagenet").glob("*.yaml")))
+def test_imagenet_configs_parse_and_build(
+    name: str, imagenet_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every ImageNet recipe builds a torchvision ResNet-18 (quantized as its file name says) on fake data."""
+    monkeypatch.chdir(tmp_path)
+    cli = main(
+        ["--config", str(ROOT / "configs" / "imagenet" / name), "--config", str(ROOT / "configs/logger/csv_only.yaml"),
+         "--data.root", str(imagenet_folder), "--data.num_classes", "3"],
+        run=False,
+    )
+    assert cli.model.hparams["model"] == "torchvision.resnet18" and cli.model.hparams["num_classes"] == 3
+    spec = cli.model.quant_spec
+    assert (spec is None) == name.endswith("_float.yaml")
+    if spec is not None:
+        assert spec.first_layer == spec.last_layer == ("float" if name.endswith("_fl.yaml") else "quantized")
+    assert any(type(c).__name__ == "BCGD" for c in cli.trainer.callbacks) == ("_bcgd_" in name)

@@ -11,16 +11,20 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
 from qlight.callbacks import BCGD
-from qlight.data import CIFAR10DataModule, ResumableSampler
+from qlight.data import CIFAR10DataModule, ImageNetDataModule, ResumableSampler
 from qlight.quant import QuantSpec
 from qlight.tasks import ImageClassifier
 
-STEPS_PER_EPOCH = 10  # 80 fake training images, batch 8
+STEPS_PER_EPOCH = 10  # 80 fake training images, batch 8 (the fake ImageNet: 24 images, batch 4 -> 6)
+
+
+def data_classes(root: Path) -> int:
+    return 3 if root.name.startswith("imagenet") else 10
 
 
 class BatchRecorder(Callback):
@@ -47,6 +51,15 @@ class CrashAt(Callback):
             raise RuntimeError("simulated crash")
 
 
+def _datamodule(root: Path) -> LightningDataModule:
+    """The fake CIFAR-10 (80 training images) or the fake ImageNet (24 training images, 3 classes)."""
+    if root.name.startswith("imagenet"):
+        return ImageNetDataModule(
+            str(root), num_classes=3, batch_size=4, num_workers=0, image_size=16, resize_size=20
+        )
+    return CIFAR10DataModule(str(root), batch_size=8, pin_memory=False)
+
+
 def _run(
     root: Path, tmp_path: Path, callbacks: list[Callback], ckpt_path: str | None = None
 ) -> tuple[ImageClassifier, Trainer]:
@@ -56,8 +69,9 @@ def _run(
         quant=QuantSpec(weight="binary", act="relu_quant", a_bits=4),
         optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4),
         alpha_calibration_steps=3,
+        num_classes=data_classes(root),
     )
-    data = CIFAR10DataModule(str(root), batch_size=8, pin_memory=False)
+    data = _datamodule(root)
     trainer = Trainer(
         accelerator="cpu",
         max_epochs=2,
@@ -82,26 +96,31 @@ def _state(task: ImageClassifier, trainer: Trainer) -> dict[str, Tensor]:
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("crash_step", [13, STEPS_PER_EPOCH], ids=["mid_epoch", "epoch_boundary"])
+@pytest.mark.parametrize(
+    ("data", "crash_step", "steps_per_epoch"),
+    [("cifar10_pickle", 13, 10), ("cifar10_pickle", 10, 10), ("imagenet_folder", 8, 6)],
+    ids=["cifar_mid_epoch", "cifar_epoch_boundary", "imagenet_mid_epoch"],
+)
 def test_crash_then_resume_reads_the_same_batches_and_ends_identical(
-    cifar10_pickle: Path, tmp_path: Path, crash_step: int
+    data: str, crash_step: int, steps_per_epoch: int, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    root = request.getfixturevalue(data)
     straight = BatchRecorder()
-    task, trainer = _run(cifar10_pickle, tmp_path / "straight", [straight])
-    assert len(straight.batches) == 2 * STEPS_PER_EPOCH
+    task, trainer = _run(root, tmp_path / "straight", [straight])
+    assert len(straight.batches) == 2 * steps_per_epoch
     # epochs are reshuffled and re-augmented
-    assert straight.batches[0][2:] != straight.batches[STEPS_PER_EPOCH][2:]
+    assert straight.batches[0][2:] != straight.batches[steps_per_epoch][2:]
 
     at_crash = ModelCheckpoint(
         tmp_path / "ckpt", filename="{step}", every_n_train_steps=crash_step, save_top_k=-1
     )
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _run(cifar10_pickle, tmp_path / "crashed", [CrashAt(crash_step), at_crash])
+        _run(root, tmp_path / "crashed", [CrashAt(crash_step), at_crash])
     resumed = BatchRecorder()
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
         resumed_task, resumed_trainer = _run(
-            cifar10_pickle,
+            root,
             tmp_path / "resumed",
             [resumed],
             ckpt_path=str(tmp_path / "ckpt" / f"step={crash_step}.ckpt"),

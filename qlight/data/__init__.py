@@ -1,4 +1,4 @@
-"""LightningDataModules for CIFAR-10/100 with in-memory uint8 data and device-side augmentation."""
+"""LightningDataModules: CIFAR-10/100 (in-memory uint8) and ImageNet / ImageFolder data, augmented on the device."""
 
 from qlight.data.augment import normalize, normalize_affine, random_crop_flip, window_indices
 from qlight.data.cifar import (
@@ -8,6 +8,12 @@ from qlight.data.cifar import (
     TensorBatchDataset,
     default_cache_dir,
 )
+from qlight.data.imagenet import (
+    ImageFolderDataModule,
+    ImageFolderDataset,
+    ImageNetDataModule,
+    random_resized_crop_box,
+)
 from qlight.data.sampling import ResumableDataLoader, ResumableSampler, batch_seed
 from qlight.data.sources import DatasetError
 
@@ -16,6 +22,9 @@ __all__ = [
     "CIFAR100DataModule",
     "CIFARDataModule",
     "DatasetError",
+    "ImageFolderDataModule",
+    "ImageFolderDataset",
+    "ImageNetDataModule",
     "ResumableDataLoader",
     "ResumableSampler",
     "TensorBatchDataset",
@@ -24,5 +33,6 @@ __all__ = [
     "normalize",
     "normalize_affine",
     "random_crop_flip",
+    "random_resized_crop_box",
     "window_indices",
 ]

@@ -43,27 +43,40 @@ class ResumableSampler(DistributedSampler):
         seed: the run seed; the order of epoch ``e`` is ``randperm`` seeded with ``seed + e``.
         drop_last: drop the tail that does not divide evenly over the ranks (instead of repeating
             samples to pad it).
+        with_epoch: yield ``(index, epoch)`` pairs, so a dataset in a worker process knows the epoch
+            (for per-sample augmentation seeds) without shared state.
     """
 
     def __init__(
-        self, dataset: Sized, num_replicas: int = 1, rank: int = 0, seed: int = 0, drop_last: bool = True
+        self,
+        dataset: Sized,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        drop_last: bool = True,
+        with_epoch: bool = False,
     ) -> None:
         super().__init__(  # type: ignore[arg-type]
             dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last
         )
+        self.with_epoch = with_epoch
         self._resume: tuple[int, int] | None = None
 
     def resume(self, epoch: int, skip: int) -> None:
         """Make the next pass over ``epoch`` start after its first ``skip`` samples of this rank."""
         self._resume = (epoch, skip)
 
-    def __iter__(self) -> Iterator[int]:
-        indices = super().__iter__()
-        if self._resume is None or self._resume[0] > self.epoch:
-            return indices
-        epoch, skip = self._resume
-        self._resume = None
-        return itertools.islice(indices, skip, None) if epoch == self.epoch else indices
+    def __iter__(self) -> Iterator[Any]:
+        indices: Iterator[Any] = super().__iter__()
+        if self._resume is not None and self._resume[0] <= self.epoch:
+            epoch, skip = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                indices = itertools.islice(indices, skip, None)
+        if self.with_epoch:
+            epoch = self.epoch
+            return ((i, epoch) for i in indices)
+        return indices
 
 
 class ResumableDataLoader(DataLoader):
