@@ -8,6 +8,7 @@ files and ``--key value`` flags override earlier ones. Short class names work in
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -56,6 +57,18 @@ class QlightCLI(LightningCLI):
             if isinstance(cause, ValueError | FileNotFoundError) and cause is not err:
                 raise ConfigError(str(cause)) from err
             raise
+
+    def before_instantiate_classes(self) -> None:
+        """Inside a SLURM job, give the run its own ``default_root_dir`` (``logs/slurm-<job id>``).
+
+        Lightning writes the requeue checkpoint (``hpc_ckpt_N.ckpt``) there on SIGUSR1 and a requeued
+        job resumes from the newest one it finds; with the shared default (the working directory) a
+        job could resume from another job's checkpoint.
+        """
+        tag = qlight.loggers.slurm_job_tag()
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if tag and config is not None and config.get("trainer") and not config["trainer"].get("default_root_dir"):
+            config["trainer"]["default_root_dir"] = os.path.join("logs", tag)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

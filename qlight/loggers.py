@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -45,6 +46,19 @@ class RunInfo:
         return [self.method, self.bits, self.dataset, self.arch]
 
 
+def slurm_job_tag() -> str | None:
+    """``slurm-<job id>`` (``slurm-<array job id>_<task id>`` for an array task) inside a SLURM job, else None.
+
+    A requeued job keeps its id, so this tag names what must survive a requeue: the CSV run folder,
+    the W&B run and the folder Lightning writes its requeue checkpoint to.
+    """
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"slurm-{array_job}_{task}"
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"slurm-{job}" if job else None
+
+
 def wandb_logged_in() -> bool:
     """Whether wandb has credentials (``WANDB_API_KEY`` or a netrc entry for the W&B host)."""
     if os.environ.get("WANDB_API_KEY"):
@@ -64,7 +78,9 @@ class WandbLogger(_WandbLogger):
         mode: ``auto`` logs online when the user is logged in and offline (``wandb sync`` later)
             otherwise; ``online``, ``offline`` and ``disabled`` force a mode. The ``WANDB_MODE``
             environment variable, when set, wins over ``auto``.
-        name: run name; ``None`` derives ``<method>-<arch>-<bits>-s<seed>``.
+        name: run name; ``None`` derives ``<method>-<arch>-<bits>-s<seed>``. Inside a SLURM job
+            without an explicit ``id``, the run id is ``<name>-slurm-<job id>`` with ``resume="allow"``,
+            so a requeued job continues the same W&B run.
         group: run group; ``None`` derives ``<dataset>-<arch>-<bits>``.
         tags: run tags; ``None`` derives ``[method, bits, dataset, arch]``.
         save_dir: where the local ``wandb/`` folder goes.
@@ -114,12 +130,24 @@ class WandbLogger(_WandbLogger):
         if not init.get("tags"):
             init["tags"] = info.tags
         init.setdefault("job_type", "train")
+        tag = slurm_job_tag()
+        if tag and not init.get("id"):
+            init["id"] = self._id = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{init['name']}-{tag}")[:128]
+            init.setdefault("resume", "allow")
 
 
 class CSVLogger(_CSVLogger):
-    """Lightning's CSV logger writing to ``<save_dir>/<group>/<name>/version_N`` by default."""
+    """Lightning's CSV logger writing to ``<save_dir>/<group>/<name>/version_N`` by default.
 
-    def __init__(self, save_dir: str = "logs", name: str | None = None, version: int | str | None = None, **kwargs: Any):
+    Inside a SLURM job the default version is the job tag (``slurm-<job id>``), so a requeued job
+    appends to the same ``metrics.csv`` and keeps its checkpoints in the same folder.
+    """
+
+    def __init__(
+        self, save_dir: str = "logs", name: str | None = None, version: int | str | None = None, **kwargs: Any
+    ):
+        if version is None:
+            version = slurm_job_tag()
         super().__init__(save_dir=save_dir, name=name or "qlight", version=version, **kwargs)
         self._auto_name = name is None
 

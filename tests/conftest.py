@@ -24,6 +24,13 @@ def qlight_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     return path
 
 
+@pytest.fixture(autouse=True)
+def outside_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests behave the same when pytest itself runs inside a SLURM job (run folders, W&B ids)."""
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Tiny tensors: one intra-op thread avoids oversubscription on shared 2-core CI machines."""

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from qlight.loggers import CSVLogger, RunInfo, WandbLogger, wandb_logged_in
+from qlight.loggers import CSVLogger, RunInfo, WandbLogger, slurm_job_tag, wandb_logged_in
 
 INFO = RunInfo(dataset="cifar10", arch="resnet20", method="bcgd", bits="w1a4", seed=3)
 
@@ -76,3 +76,45 @@ def test_csv_logger_folder_follows_run(tmp_path: Path) -> None:
     named = CSVLogger(save_dir=str(tmp_path), name="fixed")
     named.describe_run(INFO)
     assert Path(named.log_dir) == tmp_path / "fixed" / "version_0"
+
+
+def test_slurm_job_tag(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert slurm_job_tag() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "812")
+    assert slurm_job_tag() == "slurm-812"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "800")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert slurm_job_tag() == "slurm-800_3"
+
+
+def test_a_requeued_slurm_job_keeps_its_csv_folder_and_wandb_run(
+    no_wandb_credentials: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "812")
+    csv = CSVLogger(save_dir=str(tmp_path))
+    csv.describe_run(INFO)
+    assert Path(csv.log_dir) == tmp_path / "cifar10-resnet20-w1a4" / "bcgd-resnet20-w1a4-s3" / "slurm-812"
+    wb = WandbLogger(mode="offline", save_dir=str(tmp_path))
+    wb.describe_run(INFO)
+    assert wb._wandb_init["id"] == "bcgd-resnet20-w1a4-s3-slurm-812" and wb._wandb_init["resume"] == "allow"
+    assert wb.version == "bcgd-resnet20-w1a4-s3-slurm-812"
+    explicit = WandbLogger(mode="offline", save_dir=str(tmp_path), id="mine")
+    explicit.describe_run(INFO)
+    assert explicit._wandb_init["id"] == "mine"
+
+
+def test_cli_gives_each_slurm_job_its_own_root_dir(
+    cifar10_pickle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning writes the requeue checkpoint to default_root_dir and resumes from the newest one
+    there: jobs started from one folder must not share it."""
+    from qlight.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    conf = Path(__file__).parent / "conf" / "cifar10_float_tiny.yaml"
+    args = ["--config", str(conf), "--data.root", str(cifar10_pickle)]
+    assert Path(main(args, run=False).trainer.default_root_dir).absolute() == tmp_path
+    monkeypatch.setenv("SLURM_JOB_ID", "812")
+    assert Path(main(args, run=False).trainer.default_root_dir).absolute() == tmp_path / "logs" / "slurm-812"
+    chosen = main([*args, "--trainer.default_root_dir", str(tmp_path / "mine")], run=False)
+    assert Path(chosen.trainer.default_root_dir).absolute() == tmp_path / "mine"
