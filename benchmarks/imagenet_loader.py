@@ -17,10 +17,12 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from qlight.data import ImageNetDataModule
 
@@ -52,6 +54,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=30, help="timed batches (after one warm-up batch)")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument(
+        "--baseline", action="store_true", help="also time torchvision's ImageFolder + PIL pipeline"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,22 +75,41 @@ def main() -> None:
         )
         dm.prepare_data()
         dm.setup("fit")
-        loader = iter(dm.train_dataloader())
-        next(loader)  # workers started, first batch decoded
-        start, n = time.perf_counter(), 0
-        for _ in range(args.batches):
-            try:
-                images, _ = next(loader)
-            except StopIteration:
-                break
-            n += len(images)
-        seconds = time.perf_counter() - start
-    rate = n / seconds
-    print(
-        f"{n} images in {seconds:.2f} s: {rate:,.0f} images/s with {args.workers} workers "
-        f"({rate / max(args.workers, 1):,.0f} per worker)"
+        results = {"qlight": _rate(dm.train_dataloader(), args.batches)}
+        if args.baseline:
+            results["torchvision_pil"] = _rate(_torchvision_loader(root, args), args.batches)
+    for name, rate in results.items():
+        per_worker = rate / max(args.workers, 1)
+        print(f"{name:>15}: {rate:,.0f} images/s with {args.workers} workers ({per_worker:,.0f} per worker)")
+    print(json.dumps({"workers": args.workers, "batch_size": args.batch_size, "images_per_s": results}))
+
+
+def _rate(loader: Iterable[tuple[torch.Tensor, torch.Tensor]], batches: int) -> float:
+    """Images/s over ``batches`` batches after the first (workers started, first batch decoded)."""
+    iterator = iter(loader)
+    next(iterator)
+    start, n = time.perf_counter(), 0
+    for _ in range(batches):
+        try:
+            images, _ = next(iterator)
+        except StopIteration:
+            break
+        n += len(images)
+    return n / (time.perf_counter() - start)
+
+
+def _torchvision_loader(root: Path, args: argparse.Namespace) -> DataLoader:
+    """The common reference pipeline: ImageFolder with PIL decoding and torchvision v2 transforms."""
+    import torchvision
+    import torchvision.transforms.v2 as T
+
+    transform = T.Compose(
+        [T.RandomResizedCrop(args.image_size, antialias=True), T.RandomHorizontalFlip(), T.PILToTensor()]
     )
-    print(json.dumps({"workers": args.workers, "images_per_s": rate, "batch_size": args.batch_size}))
+    dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
+    return DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True
+    )
 
 
 if __name__ == "__main__":
