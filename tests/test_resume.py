@@ -13,6 +13,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from test_bcgd import CrashAt
 from torch import Tensor
 
 from qlight.callbacks import BCGD
@@ -38,17 +39,6 @@ class BatchRecorder(Callback):
     ) -> None:
         images, labels = batch
         self.batches.append((trainer.current_epoch, batch_idx, float(images.double().sum()), labels.tolist()))
-
-
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
 
 
 def _datamodule(root: Path) -> LightningDataModule:

@@ -1,6 +1,6 @@
 """LightningDataModules: CIFAR-10/100 (in-memory uint8) and ImageNet / ImageFolder data, augmented on the device."""
 
-from qlight.data.augment import normalize, normalize_affine, random_crop_flip, window_indices
+from qlight.data.augment import Normalizer, normalize, normalize_affine, random_crop_flip, window_indices
 from qlight.data.cifar import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -14,10 +14,18 @@ from qlight.data.imagenet import (
     ImageNetDataModule,
     random_resized_crop_box,
 )
-from qlight.data.sampling import ResumableDataLoader, ResumableSampler, batch_seed
+from qlight.data.sampling import (
+    BatchGenerators,
+    ResumableDataLoader,
+    ResumableSampler,
+    batch_seed,
+    resumable_train_loader,
+    run_seed,
+)
 from qlight.data.sources import DatasetError
 
 __all__ = [
+    "BatchGenerators",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "CIFARDataModule",
@@ -25,6 +33,7 @@ __all__ = [
     "ImageFolderDataModule",
     "ImageFolderDataset",
     "ImageNetDataModule",
+    "Normalizer",
     "ResumableDataLoader",
     "ResumableSampler",
     "TensorBatchDataset",
@@ -34,5 +43,7 @@ __all__ = [
     "normalize_affine",
     "random_crop_flip",
     "random_resized_crop_box",
+    "resumable_train_loader",
+    "run_seed",
     "window_indices",
 ]

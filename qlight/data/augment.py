@@ -89,6 +89,24 @@ def normalize_affine(images: Tensor, scale: Tensor, shift: Tensor, channels_last
     return out.copy_(images).mul_(scale).add_(shift)
 
 
+class Normalizer:
+    """``(x / 255 - mean) / std`` per channel, with the constants made once per device (no per-batch
+    host-to-device copy)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean = mean
+        self.std = std
+        self._constants: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, images: Tensor, channels_last: bool = False) -> Tensor:
+        if images.device not in self._constants:
+            mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+            std = torch.tensor(self.std).view(1, -1, 1, 1)
+            self._constants[images.device] = ((1 / (255 * std)).to(images.device), (-mean / std).to(images.device))
+        scale, shift = self._constants[images.device]
+        return normalize_affine(images, scale, shift, channels_last)
+
+
 def normalize(images: Tensor, mean: Tensor, std: Tensor, channels_last: bool = False) -> Tensor:
     """Map uint8 images to float32 ``(x / 255 - mean) / std`` per channel.
 

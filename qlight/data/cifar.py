@@ -17,8 +17,8 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from qlight.data.augment import normalize_affine, random_crop_flip
-from qlight.data.sampling import ResumableDataLoader, ResumableSampler, batch_seed
+from qlight.data.augment import Normalizer, random_crop_flip
+from qlight.data.sampling import BatchGenerators, resumable_train_loader
 from qlight.data.sources import (
     CIFAR10,
     CIFAR100,
@@ -34,11 +34,6 @@ from qlight.data.sources import (
 def default_cache_dir() -> Path:
     """``$QLIGHT_CACHE`` if set, else ``~/.cache/qlight``: decoded datasets live outside the repo."""
     return Path(os.environ.get("QLIGHT_CACHE") or Path.home() / ".cache" / "qlight").expanduser()
-
-
-def run_seed() -> int:
-    """The seed ``seed_everything`` set for this run (Lightning's convention; 0 when none was set)."""
-    return int(os.environ.get("PL_GLOBAL_SEED", "0"))
 
 
 class TensorBatchDataset(Dataset[tuple[Tensor, Tensor]]):
@@ -176,8 +171,8 @@ class CIFARDataModule(LightningDataModule):
         self.train_dataset: TensorBatchDataset | None = None
         self.val_dataset: TensorBatchDataset | None = None
         self.test_dataset: TensorBatchDataset | None = None
-        self._scale_shift_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._normalize = Normalizer(self.mean, self.std)
+        self._generators = BatchGenerators()
         if not download:
             resolve_source(self.spec, root)  # fail at construction on a wrong root, on every rank
 
@@ -227,20 +222,7 @@ class CIFARDataModule(LightningDataModule):
         }
         if not train:
             return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **options)
-        trainer = self.trainer
-        sampler = ResumableSampler(
-            dataset,
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
-            seed=run_seed(),
-        )
-        # the epoch a resumed run continues (Lightning sets it again at every epoch start)
-        sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
-        loader = ResumableDataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **options
-        )
-        loader.trainer = trainer
-        return loader
+        return resumable_train_loader(dataset, self.batch_size, self.trainer, **options)
 
     def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """Shuffled uint8 batches of (this rank's shard of) the training set, dropping the last
@@ -266,29 +248,6 @@ class CIFARDataModule(LightningDataModule):
         """The test set, in order, so ``qlight predict`` has data without extra arguments."""
         return self._loader(self.test_dataset, train=False)
 
-    def _scale_shift(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Per-device normalization constants, made once (no per-batch host-to-device copy)."""
-        if device not in self._scale_shift_cache:
-            mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-            std = torch.tensor(self.std).view(1, -1, 1, 1)
-            self._scale_shift_cache[device] = ((1 / (255 * std)).to(device), (-mean / std).to(device))
-        return self._scale_shift_cache[device]
-
-    def _augment_generator(self, device: torch.device) -> torch.Generator:
-        """The device generator, re-seeded for the batch the training loop is about to run.
-
-        The seed depends only on the run seed, rank, epoch and the batch's position in the epoch
-        (Lightning's count of batches started so far, restored on resume), so a resumed run draws
-        the same crops and flips as an uninterrupted one. Seeding is a host-side operation.
-        """
-        trainer = self.trainer
-        assert trainer is not None
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device)
-        position = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        seed = batch_seed(run_seed(), trainer.global_rank, trainer.current_epoch, position)
-        return self._generators[device].manual_seed(seed)
-
     def on_after_batch_transfer(
         self, batch: tuple[Tensor, Tensor], dataloader_idx: int
     ) -> tuple[Tensor, Tensor]:
@@ -296,9 +255,8 @@ class CIFARDataModule(LightningDataModule):
         images, labels = batch
         trainer = self.trainer
         if self.augment and trainer is not None and trainer.training:
-            images = random_crop_flip(images, padding=4, generator=self._augment_generator(images.device))
-        scale, shift = self._scale_shift(images.device)
-        return normalize_affine(images, scale, shift, channels_last=self.channels_last), labels
+            images = random_crop_flip(images, padding=4, generator=self._generators(trainer, images.device))
+        return self._normalize(images, self.channels_last), labels
 
 
 class CIFAR10DataModule(CIFARDataModule):

@@ -31,9 +31,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 
-from qlight.data.augment import normalize_affine
-from qlight.data.cifar import default_cache_dir, run_seed
-from qlight.data.sampling import ResumableDataLoader, ResumableSampler, batch_seed
+from qlight.data.augment import Normalizer
+from qlight.data.cifar import default_cache_dir
+from qlight.data.sampling import BatchGenerators, batch_seed, resumable_train_loader, run_seed
 from qlight.data.sources import DatasetError, _save_atomic, stratified_subset
 
 __all__ = ["ImageFolderDataModule", "ImageFolderDataset", "ImageNetDataModule", "random_resized_crop_box"]
@@ -264,8 +264,8 @@ class ImageFolderDataModule(LightningDataModule):
         self.classes: list[str] = []
         self.train_dataset: ImageFolderDataset | None = None
         self.val_dataset: ImageFolderDataset | None = None
-        self._scale_shift_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._normalize = Normalizer(self.mean, self.std)
+        self._generators = BatchGenerators()
 
     # ------------------------------------------------------------------ index
     def _index_file(self) -> Path:
@@ -339,19 +339,9 @@ class ImageFolderDataModule(LightningDataModule):
                 f"of {self.batch_size} per device on {world_size} device(s); lower batch_size or raise subset"
             )
         self.train_dataset.seed = run_seed()
-        sampler = ResumableSampler(
-            self.train_dataset,
-            num_replicas=world_size,
-            rank=trainer.global_rank if trainer is not None else 0,
-            seed=run_seed(),
-            with_epoch=True,
+        return resumable_train_loader(
+            self.train_dataset, self.batch_size, trainer, with_epoch=True, **self._options()
         )
-        sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
-        loader = ResumableDataLoader(
-            self.train_dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **self._options()
-        )
-        loader.trainer = trainer
-        return loader
 
     def _eval_loader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         if self.val_dataset is None:
@@ -377,24 +367,10 @@ class ImageFolderDataModule(LightningDataModule):
         images, labels = batch
         trainer = self.trainer
         if self.augment and trainer is not None and trainer.training:
-            device = images.device
-            if device not in self._generators:
-                self._generators[device] = torch.Generator(device=device)
-            position = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            generator = self._generators[device].manual_seed(
-                batch_seed(run_seed(), trainer.global_rank, trainer.current_epoch, position)
-            )
-            flip = torch.rand(len(images), 1, 1, 1, device=device, generator=generator) < 0.5
+            generator = self._generators(trainer, images.device)
+            flip = torch.rand(len(images), 1, 1, 1, device=images.device, generator=generator) < 0.5
             images = torch.where(flip, images.flip(-1), images)
-        if images.device not in self._scale_shift_cache:
-            mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-            std = torch.tensor(self.std).view(1, -1, 1, 1)
-            self._scale_shift_cache[images.device] = (
-                (1 / (255 * std)).to(images.device),
-                (-mean / std).to(images.device),
-            )
-        scale, shift = self._scale_shift_cache[images.device]
-        return normalize_affine(images, scale, shift, channels_last=self.channels_last), labels
+        return self._normalize(images, self.channels_last), labels
 
 
 class ImageNetDataModule(ImageFolderDataModule):

@@ -20,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import os
 from collections.abc import Iterator, Sized
 from typing import Any
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -118,6 +120,49 @@ class ResumableDataLoader(DataLoader):
             return
         # the samples already trained on, over all ranks, are a prefix of the epoch's order
         sampler.resume(state["epoch"], math.ceil(state["samples"] / sampler.num_replicas))
+
+
+def resumable_train_loader(
+    dataset: Any, batch_size: int, trainer: Trainer | None, with_epoch: bool = False, **options: Any
+) -> ResumableDataLoader:
+    """The training loader of a DataModule: this rank's shard in (run seed, epoch) order, last
+    incomplete batch dropped, its position checkpointed by Lightning. ``options`` go to ``DataLoader``."""
+    sampler = ResumableSampler(
+        dataset,
+        num_replicas=trainer.world_size if trainer is not None else 1,
+        rank=trainer.global_rank if trainer is not None else 0,
+        seed=run_seed(),
+        with_epoch=with_epoch,
+    )
+    # the epoch a resumed run continues (Lightning sets it again at every epoch start)
+    sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
+    loader = ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **options)
+    loader.trainer = trainer
+    return loader
+
+
+class BatchGenerators:
+    """One generator per device, re-seeded for every training batch from its position.
+
+    The seed is :func:`batch_seed` of the run seed, rank, epoch and the batch's position in the
+    epoch (Lightning's count of batches started so far, restored on resume), so a resumed run draws
+    the same augmentation as an uninterrupted one. Seeding is a host-side operation: no sync.
+    """
+
+    def __init__(self) -> None:
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, trainer: Trainer, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        position = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        seed = batch_seed(run_seed(), trainer.global_rank, trainer.current_epoch, position)
+        return self._generators[device].manual_seed(seed)
+
+
+def run_seed() -> int:
+    """The seed ``seed_everything`` set for this run (Lightning's convention; 0 when none was set)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", "0"))
 
 
 def batch_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
