@@ -59,13 +59,13 @@ class QlightCLI(LightningCLI):
             raise
 
     def before_instantiate_classes(self) -> None:
-        """Inside a SLURM job, give the run its own ``default_root_dir`` (``logs/slurm-<job id>``).
+        """Give a run with a :func:`~qlight.loggers.run_tag` its own ``default_root_dir`` (``logs/<tag>``).
 
         Lightning writes the requeue checkpoint (``hpc_ckpt_N.ckpt``) there on SIGUSR1 and a requeued
         job resumes from the newest one it finds; with the shared default (the working directory) a
         job could resume from another job's checkpoint.
         """
-        tag = qlight.loggers.slurm_job_tag()
+        tag = qlight.loggers.run_tag()
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if tag and config is not None and config.get("trainer") and not config["trainer"].get("default_root_dir"):
             config["trainer"]["default_root_dir"] = os.path.join("logs", tag)

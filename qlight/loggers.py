@@ -8,6 +8,7 @@ bits, seed) that ``qlight.cli`` derives before training starts.
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import re
@@ -17,6 +18,8 @@ from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,18 @@ class RunInfo:
         return [self.method, self.bits, self.dataset, self.arch]
 
 
-def slurm_job_tag() -> str | None:
-    """``slurm-<job id>`` (``slurm-<array job id>_<task id>`` for an array task) inside a SLURM job, else None.
+def run_tag() -> str | None:
+    """The id of a run that continues across several invocations, or None for a one-off run.
 
-    A requeued job keeps its id, so this tag names what must survive a requeue: the CSV run folder,
-    the W&B run and the folder Lightning writes its requeue checkpoint to.
+    ``$QLIGHT_RUN_ID`` when set (e.g. a run split into time-limited chunks, each resumed with
+    ``--ckpt_path last``); inside a SLURM job ``slurm-<job id>`` (``slurm-<array job id>_<task id>``),
+    which a requeued job keeps. The tag names what must survive: the CSV run folder, the W&B run
+    and the folder Lightning writes its requeue checkpoint to.
     """
+    if tag := os.environ.get("QLIGHT_RUN_ID"):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
+            raise ValueError(f"QLIGHT_RUN_ID={tag!r} is invalid: use letters, digits, '_', '.' and '-' only")
+        return tag
     array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array_job and task:
         return f"slurm-{array_job}_{task}"
@@ -78,9 +87,9 @@ class WandbLogger(_WandbLogger):
         mode: ``auto`` logs online when the user is logged in and offline (``wandb sync`` later)
             otherwise; ``online``, ``offline`` and ``disabled`` force a mode. The ``WANDB_MODE``
             environment variable, when set, wins over ``auto``.
-        name: run name; ``None`` derives ``<method>-<arch>-<bits>-s<seed>``. Inside a SLURM job
-            without an explicit ``id``, the run id is ``<name>-slurm-<job id>`` with ``resume="allow"``,
-            so a requeued job continues the same W&B run.
+        name: run name; ``None`` derives ``<method>-<arch>-<bits>-s<seed>``. For a run with a
+            :func:`run_tag` (a SLURM job, ``$QLIGHT_RUN_ID``) and no explicit ``id``, the W&B id is
+            ``<name>-<tag>`` with ``resume="allow"``, so a requeued or resumed job continues that W&B run.
         group: run group; ``None`` derives ``<dataset>-<arch>-<bits>``.
         tags: run tags; ``None`` derives ``[method, bits, dataset, arch]``.
         save_dir: where the local ``wandb/`` folder goes.
@@ -130,7 +139,7 @@ class WandbLogger(_WandbLogger):
         if not init.get("tags"):
             init["tags"] = info.tags
         init.setdefault("job_type", "train")
-        tag = slurm_job_tag()
+        tag = run_tag()
         if tag and not init.get("id"):
             init["id"] = self._id = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{init['name']}-{tag}")[:128]
             init.setdefault("resume", "allow")
@@ -139,15 +148,16 @@ class WandbLogger(_WandbLogger):
 class CSVLogger(_CSVLogger):
     """Lightning's CSV logger writing to ``<save_dir>/<group>/<name>/version_N`` by default.
 
-    Inside a SLURM job the default version is the job tag (``slurm-<job id>``), so a requeued job
-    appends to the same ``metrics.csv`` and keeps its checkpoints in the same folder.
+    For a run with a :func:`run_tag` (a SLURM job, ``$QLIGHT_RUN_ID``) the default version is the tag,
+    so a requeued or resumed job appends to the same ``metrics.csv`` and keeps its checkpoints there.
     """
 
     def __init__(
         self, save_dir: str = "logs", name: str | None = None, version: int | str | None = None, **kwargs: Any
     ):
+        self._continued = version is None and run_tag() is not None
         if version is None:
-            version = slurm_job_tag()
+            version = run_tag()
         super().__init__(save_dir=save_dir, name=name or "qlight", version=version, **kwargs)
         self._auto_name = name is None
 
@@ -155,3 +165,43 @@ class CSVLogger(_CSVLogger):
         """Name the run folder after the experiment when the config gave no name."""
         if self._auto_name and self._experiment is None:
             self._name = f"{info.group}/{info.name}"
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        """Lightning's writer; for a continued run (a :func:`run_tag`) one that keeps the earlier rows."""
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            writer = ContinuedExperimentWriter if self._continued else ExperimentWriter
+            self._experiment = writer(log_dir=self.log_dir)
+        return self._experiment
+
+
+class ContinuedExperimentWriter(ExperimentWriter):
+    """A CSV writer that continues an existing ``metrics.csv`` instead of deleting it (Lightning's default).
+
+    The rows the interrupted run wrote after its last checkpoint are replaced by the resumed run's: on
+    the first save, rows with ``step`` at or after the first step logged now are dropped.
+    """
+
+    def __init__(self, log_dir: str) -> None:
+        self._resume_pending = False
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = sorted(csv.DictReader(file).fieldnames or [])
+            self._resume_pending = True
+
+    def save(self) -> None:
+        if self._resume_pending and self.metrics:
+            first_step = min(int(m["step"]) for m in self.metrics)
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                kept = [row for row in csv.DictReader(file) if row.get("step") and int(row["step"]) < first_step]
+            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+            self._resume_pending = False
+        super().save()

@@ -27,7 +27,7 @@ def qlight_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 @pytest.fixture(autouse=True)
 def outside_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests behave the same when pytest itself runs inside a SLURM job (run folders, W&B ids)."""
-    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "QLIGHT_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
 
 

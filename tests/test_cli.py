@@ -153,3 +153,27 @@ def test_nonfinite_loss_stops_with_step(tmp_path: Path) -> None:
     )
     with pytest.raises(NonFiniteLossError, match="global step 3"):
         trainer.fit(ImageClassifier(model="resnet20"), loader)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_split_into_chunks_continues_in_one_folder(
+    cifar10_pickle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QLIGHT_RUN_ID + ``--ckpt_path last``: the same command starts the run, then continues it (e.g. on a
+    machine with a time limit per command), with one metrics.csv and one checkpoint folder."""
+    import csv
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QLIGHT_RUN_ID", "chunked")
+    args = ["fit", "--config", str(CONF / "cifar10_float_tiny.yaml"), "--data.root", str(cifar10_pickle),
+            "--ckpt_path", "last"]
+    first = main([*args, "--trainer.max_epochs", "1"])
+    steps = first.trainer.global_step
+    second = main([*args, "--trainer.max_epochs", "2"])
+    assert second.trainer.global_step == 2 * steps and second.trainer.current_epoch == 2
+    (run,) = tmp_path.glob("logs/cifar10-resnet20-float/float-resnet20-s0/*")
+    assert run.name == "chunked" and (run / "checkpoints" / "last.ckpt").is_file()
+    with open(run / "metrics.csv") as f:
+        epochs = {row["epoch"] for row in csv.DictReader(f) if row.get("val/acc1")}
+    assert epochs == {"0", "1"}
+    assert Path(second.trainer.default_root_dir).absolute() == tmp_path / "logs" / "chunked"

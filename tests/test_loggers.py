@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from qlight.loggers import CSVLogger, RunInfo, WandbLogger, slurm_job_tag, wandb_logged_in
+from qlight.loggers import CSVLogger, RunInfo, WandbLogger, run_tag, wandb_logged_in
 
 INFO = RunInfo(dataset="cifar10", arch="resnet20", method="bcgd", bits="w1a4", seed=3)
 
@@ -78,13 +78,18 @@ def test_csv_logger_folder_follows_run(tmp_path: Path) -> None:
     assert Path(named.log_dir) == tmp_path / "fixed" / "version_0"
 
 
-def test_slurm_job_tag(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert slurm_job_tag() is None
+def test_run_tag(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run_tag() is None
     monkeypatch.setenv("SLURM_JOB_ID", "812")
-    assert slurm_job_tag() == "slurm-812"
+    assert run_tag() == "slurm-812"
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "800")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
-    assert slurm_job_tag() == "slurm-800_3"
+    assert run_tag() == "slurm-800_3"
+    monkeypatch.setenv("QLIGHT_RUN_ID", "bcgd-full.1")
+    assert run_tag() == "bcgd-full.1"
+    monkeypatch.setenv("QLIGHT_RUN_ID", "a/b")
+    with pytest.raises(ValueError, match="QLIGHT_RUN_ID='a/b' is invalid"):
+        run_tag()
 
 
 def test_a_requeued_slurm_job_keeps_its_csv_folder_and_wandb_run(
@@ -118,3 +123,23 @@ def test_cli_gives_each_slurm_job_its_own_root_dir(
     assert Path(main(args, run=False).trainer.default_root_dir).absolute() == tmp_path / "logs" / "slurm-812"
     chosen = main([*args, "--trainer.default_root_dir", str(tmp_path / "mine")], run=False)
     assert Path(chosen.trainer.default_root_dir).absolute() == tmp_path / "mine"
+
+
+def test_a_continued_run_keeps_earlier_rows_and_replaces_the_replayed_ones(tmp_path: Path) -> None:
+    """A resumed run appends to metrics.csv (Lightning's writer would delete it); rows the interrupted
+    run wrote after its checkpoint (here steps 3-5) are replaced by the resumed run's."""
+    import csv
+
+    from qlight.loggers import ContinuedExperimentWriter
+
+    (tmp_path / "metrics.csv").write_text("step,train/loss\n" + "".join(f"{s},{9 - s}\n" for s in range(6)))
+    writer = ContinuedExperimentWriter(str(tmp_path))
+    writer.log_metrics({"train/loss": 0.5, "val/acc1": 0.25}, step=3)
+    writer.save()
+    writer.log_metrics({"train/loss": 0.4}, step=4)
+    writer.save()
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["train/loss"], r["val/acc1"]) for r in rows] == [
+        ("0", "9", ""), ("1", "8", ""), ("2", "7", ""), ("3", "0.5", "0.25"), ("4", "0.4", ""),
+    ]
