@@ -26,13 +26,20 @@ from qlight.tasks import ImageClassifier
 
 
 class QlightSaveConfig(SaveConfigCallback):
-    """Save the resolved config next to the run and into the W&B run config."""
+    """Save the resolved config next to the run and into the W&B run config.
+
+    Also declares the W&B summaries of the validation accuracies as their maximum over the run: the
+    papers report the best accuracy during training, and the W&B run table then shows that number.
+    """
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, qlight.loggers.WandbLogger) and logger.mode != "disabled":
                 config = self.parser.dump(self.config, skip_none=False, format="json")
-                logger.experiment.config.update({"qlight": json.loads(config)}, allow_val_change=True)
+                run = logger.experiment
+                run.config.update({"qlight": json.loads(config)}, allow_val_change=True)
+                for key in ("val/acc1", f"val/acc{getattr(pl_module, 'top_k', 5)}"):
+                    run.define_metric(key, summary="max")
 
 
 class ConfigError(ValueError):

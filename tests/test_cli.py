@@ -125,10 +125,13 @@ def test_wandb_offline_run_from_cli(
     monkeypatch.setenv("HOME", str(tmp_path))
     try:
         cli = main(
-            ["fit", "--config", FLOAT_TINY, "--data.root", str(cifar10_folder), "--trainer.max_steps", "2",
+            ["fit", "--config", FLOAT_TINY, "--data.root", str(cifar10_folder), "--trainer.max_epochs", "2",
              "--trainer.logger+=qlight.loggers.WandbLogger", "--trainer.logger.save_dir", str(tmp_path / "wb")]
         )
         run = cli.trainer.loggers[-1].experiment
+        # the papers report the best accuracy during training: the W&B summary is the maximum
+        best = max(float(cli.trainer.checkpoint_callback.best_model_score), 0.0)
+        assert run.summary["val/acc1"]["max"] == pytest.approx(best)
         assert run.group == "cifar10-resnet20-float" and run.name == "float-resnet20-s0"
         assert "float" in run.tags
         assert run.config["qlight"]["model"]["init_args"]["model"] == "resnet20"  # the resolved config
