@@ -95,7 +95,8 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         sampler = self.sampler
-        assert isinstance(sampler, ResumableSampler)
+        if not isinstance(sampler, ResumableSampler):  # e.g. replaced by Lightning for overfit_batches
+            return {}
         done = 0
         if self.trainer is not None:
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
@@ -108,7 +109,8 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         sampler = self.sampler
-        assert isinstance(sampler, ResumableSampler)
+        if not state or not isinstance(sampler, ResumableSampler):
+            return
         now = {"seed": sampler.seed, "num_samples": len(sampler.dataset)}  # type: ignore[arg-type]
         changed = {k: (state[k], v) for k, v in now.items() if state.get(k) != v}
         if changed:
