@@ -37,9 +37,14 @@ __all__ = ["AQE", "EDE", "Knob", "LatentWeightClip", "ScheduledKnobs", "clip_wei
 
 @torch.no_grad()
 def clip_weights_(weights: Sequence[Tensor], bound: float = 1.0) -> None:
-    """In place ``w ← clamp(w, −bound, bound)`` (AQE Algorithm 1 keeps latent weights in [−1, 1])."""
-    for w in weights:
-        w.clamp_(-bound, bound)
+    """In place ``w ← clamp(w, −bound, bound)`` (AQE Algorithm 1 keeps latent weights in [−1, 1]).
+
+    Two multi-tensor kernels for all weights instead of one per tensor (launches dominate small steps).
+    """
+    weights = list(weights)
+    if weights:
+        torch._foreach_clamp_min_(weights, -bound)
+        torch._foreach_clamp_max_(weights, bound)
 
 
 @dataclass(frozen=True)

@@ -361,10 +361,18 @@ def set_calibrating(model: nn.Module, flag: bool) -> None:
 
 
 @torch.no_grad()
-def clamp_alphas_(model: nn.Module) -> None:
-    """Project every QuantAct α onto its ``[alpha_min, alpha_max]`` in place (the authors' in-place clamp)."""
-    for _, m in quant_acts(model):
-        m.clamp_alpha_()
+def clamp_alphas_(model: nn.Module | list[QuantAct]) -> None:
+    """Project every QuantAct α onto its ``[alpha_min, alpha_max]`` in place (the authors' in-place clamp).
+
+    ``model`` may also be a list of QuantActs. Multi-tensor kernels per distinct range, not one per α.
+    """
+    acts = model if isinstance(model, list) else [m for _, m in quant_acts(model)]
+    ranges: dict[tuple[float, float], list[Tensor]] = {}
+    for act in acts:
+        ranges.setdefault((act.alpha_min, act.alpha_max), []).append(act.alpha)
+    for (low, high), alphas in ranges.items():
+        torch._foreach_clamp_min_(alphas, low)
+        torch._foreach_clamp_max_(alphas, high)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from qlight.models import build_model
-from qlight.quant import QuantAct, QuantSpec, TensorQuantizer, param_groups, quantize_model
+from qlight.quant import QuantAct, QuantSpec, TensorQuantizer, clamp_alphas_, param_groups, quantize_model
 from qlight.tasks.logging import step_logging_due
 
 # The hyper-parameters hold a QuantSpec; resuming (`ckpt_path`) and `load_from_checkpoint` unpickle
@@ -266,8 +266,8 @@ class ImageClassifier(LightningModule):
         # The authors clamp the stored alpha in place to [alpha_min, alpha_max] before every use. The
         # forward's clamp is straight-through, so without this a learned alpha drifts past it (even below
         # zero), stops moving the forward, and the layer stays dead. Idempotent between optimizer steps.
-        for act in self.quant_acts:
-            act.clamp_alpha_()
+        if self.quant_acts:
+            clamp_alphas_(self.quant_acts)
         # Read the device flag only when Lightning syncs for logging anyway (and at epoch end).
         if self.trainer.log_every_n_steps and (batch_idx + 1) % self.trainer.log_every_n_steps == 0:
             self._raise_if_nonfinite()
