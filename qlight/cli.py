@@ -172,7 +172,10 @@ def _build_cli(args: ArgsType, run: bool) -> QlightCLI:
         seed_everything_default=0,
         save_config_callback=QlightSaveConfig,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"version": f"qlight {qlight.__version__}"},
+        parser_kwargs={
+            "version": f"qlight {qlight.__version__}",
+            "epilog": "Also: qlight export --ckpt_path CKPT [--output FILE] writes the truly quantized network.",
+        },
         args=args,
         run=run,
     )
