@@ -79,3 +79,14 @@ def test_train_loss_is_the_mean_over_each_logging_window(tmp_path: Path) -> None
     assert [i for i, _ in recorder.logged] == [3, 5]
     assert recorder.logged[0][1] == pytest.approx(sum(losses[:4]) / 4, rel=1e-6)
     assert recorder.logged[1][1] == pytest.approx(sum(losses[4:]) / 2, rel=1e-6)
+
+
+def test_train_loss_window_spans_accumulated_micro_batches(tmp_path: Path) -> None:
+    """accumulate_grad_batches=2, log_every_n_steps=1: one value per optimizer step, the mean of its two
+    micro-batches (values logged between them would never be written)."""
+    _, trainer, recorder = _fit(tmp_path, lr=0.05, log_every_n_steps=1, accumulate_grad_batches=2)
+    losses = recorder.losses
+    assert trainer.global_step == 3
+    assert [i for i, _ in recorder.logged] == [1, 3, 5]
+    for i, value in recorder.logged:  # Lightning's outputs["loss"] is the loss / accumulate_grad_batches
+        assert value == pytest.approx((2 * losses[i - 1] + 2 * losses[i]) / 2, rel=1e-6)

@@ -16,8 +16,13 @@ __all__ = ["step_logging_due"]
 
 
 def step_logging_due(trainer: Trainer, batch_idx: int) -> bool:
-    """True on the training batches whose ``on_step`` values get written, and on the epoch's last one."""
+    """True on the training batches whose ``on_step`` values get written, and on the epoch's last one.
+
+    With gradient accumulation, only batches that end in an optimizer step qualify: Lightning writes
+    step values only there, so a mean over a logging window covers all its micro-batches.
+    """
+    last = batch_idx + 1 >= trainer.num_training_batches
+    if not (last or (batch_idx + 1) % trainer.accumulate_grad_batches == 0):
+        return False
     connector = getattr(trainer, "_logger_connector", None)
-    if connector is None or connector.should_update_logs:
-        return True
-    return batch_idx + 1 >= trainer.num_training_batches
+    return last or connector is None or connector.should_update_logs
