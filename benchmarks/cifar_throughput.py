@@ -61,6 +61,17 @@ class StepTimer(Callback):
             self.seconds = time.perf_counter() - self.start
 
 
+class RandomCIFAR10(CIFAR10DataModule):
+    """The CIFAR-10 DataModule's loader and augmentation code over random in-memory images: no files and
+    no download (``prepare_data``/``setup`` keep the datasets set at construction)."""
+
+    def prepare_data(self) -> None:
+        pass
+
+    def setup(self, stage: str) -> None:
+        pass
+
+
 def make_datamodule(args: argparse.Namespace, n_images: int) -> CIFAR10DataModule:
     if args.data_root:
         dm = CIFAR10DataModule(
@@ -68,9 +79,9 @@ def make_datamodule(args: argparse.Namespace, n_images: int) -> CIFAR10DataModul
         )
         dm.setup("fit")
         return dm
-    # random images through the same loader code (download=True only skips the root check)
-    dm = CIFAR10DataModule(".", download=True, batch_size=args.batch_size, channels_last=args.channels_last,
-                           num_workers=args.num_workers)
+    # random images through the same loader code (download=True only skips the root check; nothing is fetched)
+    dm = RandomCIFAR10(".", download=True, batch_size=args.batch_size, channels_last=args.channels_last,
+                       num_workers=args.num_workers)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (n_images,), generator=g)
