@@ -222,18 +222,11 @@ class CIFARDataModule(LightningDataModule):
         }
         if not train:
             return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **options)
-        return resumable_train_loader(dataset, self.batch_size, self.trainer, **options)
+        return resumable_train_loader(dataset, self.batch_size, self.trainer, str(self.root), **options)
 
     def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """Shuffled uint8 batches of (this rank's shard of) the training set, dropping the last
         incomplete batch; resumable mid-epoch."""
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        if self.train_dataset is not None and len(self.train_dataset) < self.batch_size * world_size:
-            raise DatasetError(
-                f"the training set of {self.root} has {len(self.train_dataset)} images, fewer than one "
-                f"batch of {self.batch_size} per device on {world_size} device(s), so an epoch would have "
-                "no steps; lower batch_size or raise subset"
-            )
         return self._loader(self.train_dataset, train=True)
 
     def val_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:

@@ -331,16 +331,9 @@ class ImageFolderDataModule(LightningDataModule):
         """Batches of this rank's shard, ordered by (run seed, epoch); resumable mid-epoch."""
         if self.train_dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
-        trainer = self.trainer
-        world_size = trainer.world_size if trainer is not None else 1
-        if len(self.train_dataset) < self.batch_size * world_size:
-            raise DatasetError(
-                f"the training set of {self.root} has {len(self.train_dataset)} images, fewer than one batch "
-                f"of {self.batch_size} per device on {world_size} device(s); lower batch_size or raise subset"
-            )
         self.train_dataset.seed = run_seed()
         return resumable_train_loader(
-            self.train_dataset, self.batch_size, trainer, with_epoch=True, **self._options()
+            self.train_dataset, self.batch_size, self.trainer, str(self.root), with_epoch=True, **self._options()
         )
 
     def _eval_loader(self) -> DataLoader[tuple[Tensor, Tensor]]:

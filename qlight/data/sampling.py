@@ -29,6 +29,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from qlight.data.sources import DatasetError
+
 
 class ResumableSampler(DistributedSampler):
     """Per-epoch shuffle from ``(seed, epoch)``, sharded over ranks, that can start an epoch part-way.
@@ -88,7 +90,8 @@ class ResumableDataLoader(DataLoader):
     inside an epoch, :meth:`load_state_dict` before that epoch iterates. The position is the number
     of batches the training loop has *finished*, read from :attr:`trainer` (set by the DataModule),
     not counted here: Lightning and worker processes fetch batches ahead of the step that uses them.
-    The sampler must be a :class:`ResumableSampler`.
+    Only a :class:`ResumableSampler` is resumed; if Lightning replaced it (``overfit_batches``), the
+    loader saves and restores nothing.
     """
 
     trainer: Trainer | None = None
@@ -125,13 +128,29 @@ class ResumableDataLoader(DataLoader):
 
 
 def resumable_train_loader(
-    dataset: Any, batch_size: int, trainer: Trainer | None, with_epoch: bool = False, **options: Any
+    dataset: Any,
+    batch_size: int,
+    trainer: Trainer | None,
+    source: str,
+    with_epoch: bool = False,
+    **options: Any,
 ) -> ResumableDataLoader:
     """The training loader of a DataModule: this rank's shard in (run seed, epoch) order, last
-    incomplete batch dropped, its position checkpointed by Lightning. ``options`` go to ``DataLoader``."""
+    incomplete batch dropped, its position checkpointed by Lightning. ``options`` go to ``DataLoader``.
+
+    Raises:
+        DatasetError: the training set (read from ``source``) has less than one batch per device.
+    """
+    world_size = trainer.world_size if trainer is not None else 1
+    if len(dataset) < batch_size * world_size:
+        raise DatasetError(
+            f"the training set of {source} has {len(dataset)} images, fewer than one batch of {batch_size} "
+            f"per device on {world_size} device(s), so an epoch would have no steps; lower batch_size or "
+            "raise subset"
+        )
     sampler = ResumableSampler(
         dataset,
-        num_replicas=trainer.world_size if trainer is not None else 1,
+        num_replicas=world_size,
         rank=trainer.global_rank if trainer is not None else 0,
         seed=run_seed(),
         with_epoch=with_epoch,
