@@ -1,0 +1,81 @@
+"""Read a checkpoint file safely and cheaply, before anything expensive starts.
+
+Every command that takes a checkpoint (``fit --ckpt_path``, ``validate``, ``test``, ``predict``,
+``--model.init_from``, ``qlight export``) checks it first, so a missing, truncated or foreign file
+is one ``qlight: error:`` line naming the option and the path, not a traceback after the data was
+decoded and the loggers created.
+
+Checkpoints are read with ``weights_only=True`` (no arbitrary code runs while unpickling) and
+``mmap=True`` (the tensors are not read into memory until used), so the check costs milliseconds
+even for large checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "read_checkpoint"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that cannot be used, described in one line."""
+
+
+def _first_line(err: BaseException) -> str:
+    """The useful part of a loading error, without torch's advice to load with ``weights_only=False``."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it pickles a Python object that is not allow-listed for safe loading ({found.group(1)})"
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+    return line if "weights_only" not in line else type(err).__name__
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], field: str, *, lightning: bool = True, map_location: str = "cpu"
+) -> dict[str, Any]:
+    """Load ``path`` as a checkpoint dict (memory-mapped, ``weights_only=True``) or raise one clear line.
+
+    Args:
+        path: the checkpoint file.
+        field: the option the user set, e.g. ``ckpt_path`` or ``model.init_from``; it starts the message.
+        lightning: require a Lightning checkpoint (a dict with ``state_dict``); otherwise a plain
+            ``state_dict`` file (a dict of tensors) is accepted too.
+        map_location: where tensors are mapped.
+
+    Raises:
+        CheckpointError: the file is missing, a folder, truncated, not written by ``torch.save``, holds
+            objects that cannot be loaded safely, or is not a checkpoint.
+    """
+    p = Path(path)
+    where = f"{field}={str(p)!r}"
+    hint = "pass a checkpoint written by qlight fit (e.g. logs/<group>/<run>/version_N/checkpoints/last.ckpt)"
+    if not p.exists():
+        raise CheckpointError(f"{where}: no such file; {hint}")
+    if p.is_dir():
+        raise CheckpointError(f"{where} is a folder, not a checkpoint file; {hint}")
+    if not zipfile.is_zipfile(p):
+        size = p.stat().st_size
+        raise CheckpointError(
+            f"{where} ({size:,} bytes) is not a readable PyTorch checkpoint: truncated (e.g. a copy or "
+            f"write that was cut short) or not written by torch.save; {hint}"
+        )
+    try:
+        data = torch.load(p, map_location=map_location, weights_only=True, mmap=True)
+    except Exception as err:  # a damaged archive or an unsafe pickle: both are unusable
+        raise CheckpointError(f"{where} cannot be loaded: {_first_line(err)}; {hint}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where} holds a {type(data).__name__}, not a checkpoint dict; {hint}")
+    if lightning and "state_dict" not in data:
+        raise CheckpointError(
+            f"{where} is not a Lightning checkpoint (it has no 'state_dict'; keys: {sorted(data)[:6]}); {hint}"
+        )
+    if not lightning and "state_dict" not in data and not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{where} is neither a Lightning checkpoint nor a state_dict of tensors; {hint}")
+    return data
