@@ -13,6 +13,7 @@ even for large checkpoints.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import zipfile
 from pathlib import Path
@@ -68,7 +69,7 @@ def read_checkpoint(
         )
     try:
         data = torch.load(p, map_location=map_location, weights_only=True, mmap=True)
-    except Exception as err:  # a damaged archive or an unsafe pickle: both are unusable
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:  # damaged or unsafe
         raise CheckpointError(f"{where} cannot be loaded: {_first_line(err)}; {hint}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{where} holds a {type(data).__name__}, not a checkpoint dict; {hint}")

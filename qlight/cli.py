@@ -20,6 +20,7 @@ import qlight
 import qlight.callbacks
 import qlight.data
 import qlight.loggers
+from qlight.callbacks.throughput import Throughput
 from qlight.data import DatasetError
 from qlight.loggers import RunInfo
 from qlight.tasks import ImageClassifier
@@ -89,6 +90,8 @@ class QlightCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        # warm-up (compilation, graph capture) timed apart from steady-state epoch time, in every run
+        parser.add_lightning_class_args(Throughput, "throughput")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
     def _describe_run(self) -> None:

@@ -52,16 +52,28 @@ class Knob:
     """One scheduled scalar and the 0-dim buffers it is written into.
 
     ``transform`` maps the schedule's value to this knob's (EDE's ``k = max(1/t, 1)`` follows ``t``).
+    ``setters``, when given, write the value instead of ``buffer.fill_`` (one per buffer), e.g.
+    :meth:`~qlight.quant.TensorQuantizer.set_mix`, which also lets the quantizer skip its ``lerp`` at 1.
     """
 
     name: str
     schedule: Schedule
     buffers: tuple[Tensor, ...]
     transform: Callable[[float], float] | None = None
+    setters: tuple[Callable[[float], None], ...] | None = None
 
     def value(self, epoch: int, step: int, total: int | None) -> float:
         v = self.schedule.value(epoch, step, total)
         return self.transform(v) if self.transform is not None else v
+
+    def write(self, value: float) -> None:
+        """Write ``value`` into every buffer (no host sync)."""
+        if self.setters is not None:
+            for setter in self.setters:
+                setter(value)
+        else:
+            for buf in self.buffers:
+                buf.fill_(value)
 
 
 def _run_length(trainer: Trainer, unit: str) -> int | None:
@@ -112,8 +124,7 @@ class ScheduledKnobs(Callback):
         for knob in self.knobs:
             value = knob.value(epoch, step, self._totals.get(knob.schedule.unit))
             if self.current.get(knob.name) != value:
-                for buf in knob.buffers:
-                    buf.fill_(value)
+                knob.write(value)
                 self.current[knob.name] = value
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -251,16 +262,16 @@ class AQE(ScheduledKnobs):
         return out
 
     def build_knobs(self, pl_module: LightningModule) -> list[Knob]:
-        def mixes(role: str) -> tuple[Tensor, ...]:
-            quantizers = tensor_quantizers(pl_module, role)  # type: ignore[arg-type]
-            return tuple(q.mix for _, q in quantizers if isinstance(q.estimator, AQEEstimator))
+        def knob(name: str, schedule: Schedule, role: str) -> Knob:
+            quantizers = [
+                q for _, q in tensor_quantizers(pl_module, role)  # type: ignore[arg-type]
+                if isinstance(q.estimator, AQEEstimator)
+            ]
+            return Knob(name, schedule, tuple(q.mix for q in quantizers), setters=tuple(q.set_mix for q in quantizers))
 
         if self.input_alpha is None:
-            return [Knob("alpha", self.alpha, mixes("all"))]
-        return [
-            Knob("alpha", self.alpha, mixes("weight")),
-            Knob("alpha_input", self.input_alpha, mixes("act")),
-        ]
+            return [knob("alpha", self.alpha, "all")]
+        return [knob("alpha", self.alpha, "weight"), knob("alpha_input", self.input_alpha, "act")]
 
     def _nothing_to_control(self, pl_module: LightningModule) -> str:
         return (

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from qlight.quant import QuantConv2d, QuantLinear, quant_layers
 
-__all__ = ["BCGD", "blend_", "rho_at", "training_weight", "weight_quantized_layers"]
+__all__ = ["BCGD", "blend_", "blend_all_", "rho_at", "training_weight", "weight_quantized_layers"]
 
 
 def rho_at(epoch: int, rho: float, rho_growth: float = 1.0, rho_max: float = 0.01) -> float:
@@ -44,18 +44,27 @@ def rho_at(epoch: int, rho: float, rho_growth: float = 1.0, rho_max: float = 0.0
 
 
 def training_weight(layer: QuantConv2d | QuantLinear) -> Tensor:
-    """The kernel the layer's training forward uses: ``lerp(w, Q(w), mix)`` (= Q(w) at mix = 1).
+    """The kernel the layer's training forward used: ``lerp(w, Q(w), mix)`` (= Q(w) at mix = 1).
 
-    Same expression as the estimators' forward value, so the blend target is bit-identical to the
-    weight the loss saw (BinaryRelax sets ``mix = eta / (1 + eta)``).
+    See :meth:`qlight.quant.QuantConv2d.training_weight`: the tensor kept from the forward when the weight is
+    unchanged since, else the same expression recomputed (BinaryRelax sets ``mix = eta / (1 + eta)``).
     """
-    w = layer.weight.detach()
-    return torch.lerp(w, layer.quantized_weight(), layer.weight_quantizer.mix.to(w.dtype))
+    return layer.training_weight()
 
 
-def blend_(weight: Tensor, target: Tensor, rho: Tensor) -> None:
+def blend_(weight: Tensor, target: Tensor, rho: Tensor | float) -> None:
     """In place ``w <- (1 - rho) w + rho target`` (lerp: exactly ``w`` at rho = 0, no host sync)."""
-    weight.lerp_(target, rho.to(weight.dtype))
+    weight.lerp_(target, rho.to(weight.dtype) if isinstance(rho, Tensor) else rho)
+
+
+def blend_all_(weights: list[Tensor], targets: list[Tensor], rho: float) -> None:
+    """``blend_`` for every pair in one multi-tensor kernel (``torch._foreach_lerp_``), bit-identical to the loop.
+
+    ``rho`` is a Python number, converted by the kernel to each weight's dtype exactly as a 0-dim ``rho``
+    tensor of that dtype would be (so a float64 run blends with 1e-5, not its float32 rounding).
+    """
+    if weights:
+        torch._foreach_lerp_(weights, targets, rho)
 
 
 def weight_quantized_layers(pl_module: LightningModule, owner: str) -> list[QuantConv2d | QuantLinear]:
@@ -106,14 +115,26 @@ class BCGD(Callback):
         self._rho: Tensor | None = None
         self._logged_epoch: int | None = None
         self._layers: list[QuantConv2d | QuantLinear] = []
+        self._weights: list[Tensor] = []
+        self._weight_keys: list[tuple[int, int]] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._layers = weight_quantized_layers(pl_module, "BCGD")
+        self._weights = [layer.weight for layer in self._layers]
+        for layer in self._layers:  # the blend targets the exact tensor each training forward used
+            layer.weight_quantizer.keep_training_value = True
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for layer in self._layers:
+            layer.weight_quantizer.keep_training_value = False
+            layer.weight_quantizer.forget_training_value()
 
     def _update(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.value = rho_at(trainer.current_epoch, self.rho, self.rho_growth, self.rho_max)
-        if self._rho is None or self._rho.device != pl_module.device:
-            self._rho = torch.zeros((), device=pl_module.device)
+        dtype = self._layers[0].weight.dtype if self._layers else torch.float32
+        device = self._layers[0].weight.device if self._layers else pl_module.device
+        if self._rho is None or self._rho.device != device or self._rho.dtype != dtype:
+            self._rho = torch.zeros((), device=device, dtype=dtype)
         self._rho.fill_(self.value)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -127,6 +148,11 @@ class BCGD(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0 or self._weight_keys is None:
+            # a new optimizer step: only its own forward may provide the blend targets
+            for layer in self._layers:
+                layer.weight_quantizer.forget_training_value()
+            self._weight_keys = [(w._version, w.data_ptr()) for w in self._weights]
         if self._logged_epoch != trainer.current_epoch:  # rho is constant within an epoch: log it once
             pl_module.log("bcgd/rho", self._rho, on_step=False, on_epoch=True, batch_size=1)
             self._logged_epoch = trainer.current_epoch
@@ -134,10 +160,25 @@ class BCGD(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        assert self._rho is not None
+        """``w <- lerp(w, G, rho)`` for every quantized kernel in one multi-tensor kernel.
+
+        ``G`` is the tensor the training forward used, kept by the layer (see
+        :meth:`~qlight.quant.QuantConv2d.training_weight`). It stays the right target: under gradient
+        accumulation every micro-batch of a step sees the same weights (they change only in the step), so the
+        last forward's tensor is the one all of them used; validation runs in eval mode and keeps nothing, and
+        runs between steps, after this blend; and if anything wrote a weight in place since its forward (a
+        callback, ``load_state_dict``), the layer's version check notices and ``G`` is recomputed from the
+        current weight, as it was before tensors were kept. A compiled forward keeps its tensor without the
+        version (reading it would recompile every step); the step-start snapshot of the weights' versions
+        taken here vouches for it instead.
+        """
+        if self.value == 0.0:  # BinaryConnect: lerp with weight 0 leaves w unchanged anyway
+            return
+        # weights unwritten since the step began: a kept tensor (also one from a compiled forward) is this step's
+        unchanged = self._weight_keys == [(w._version, w.data_ptr()) for w in self._weights]
         with torch.no_grad():
-            for layer in self._layers:
-                blend_(layer.weight, training_weight(layer), self._rho)
+            targets = [layer.training_weight(fresh=unchanged) for layer in self._layers]
+            blend_all_(self._weights, targets, self.value)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rho": self.rho, "rho_growth": self.rho_growth, "rho_max": self.rho_max, "value": self.value}

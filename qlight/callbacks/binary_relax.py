@@ -125,7 +125,7 @@ class BinaryRelax(Callback):
             self._mix.fill_(self.mix)
             with torch.no_grad():
                 for q in self._quantizers:
-                    q.mix.fill_(self.mix)
+                    q.set_mix(self.mix)
             self._applied = self.eta
         if step_logging_due(trainer, batch_idx):
             pl_module.log("binaryrelax/eta", self._eta, on_step=True, on_epoch=False)

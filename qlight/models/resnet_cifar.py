@@ -117,5 +117,5 @@ def _make(depth: int):
     return factory
 
 
-for _depth in (20, 32, 44, 56, 110):
+for _depth in (8, 20, 32, 44, 56, 110):
     register_model(f"resnet{_depth}")(_make(_depth))

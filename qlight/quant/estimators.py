@@ -1,34 +1,35 @@
-"""Coarse-gradient estimators: straight-through variants for tensors, and the BCGD quantized-ReLU backward.
+"""Coarse-gradient estimators for tensors (weights, AQE/MINW-Net inputs), and their registry.
 
-Two families live here.
-
-**Tensor ("weight-style") estimators** are small ``nn.Module`` s registered by name (:func:`register_estimator`).
-Each is called as ``estimator(x, x_q, mix)``: ``x`` is the latent tensor (it carries the gradient), ``x_q = Q(x)``
-the hard quantized value computed without gradient, and ``mix`` a 0-dim tensor in [0, 1]. The training forward
-value is the relaxation
+An estimator is a small ``nn.Module`` registered by name (:func:`register_estimator`) and called as
+``estimator(x, x_q, mix)``: ``x`` is the latent tensor (it carries the gradient), ``x_q = Q(x)`` the hard quantized
+value computed without gradient, and ``mix`` a 0-dim tensor in [0, 1]. The training forward value is the
+relaxation
 
     y = mix · x_q + (1 − mix) · x          (torch.lerp: exactly x_q at mix = 1, exactly x at mix = 0)
 
 (mix = 1: exact quantization / BinaryConnect; BinaryRelax: mix = η/(1+η); AQE: mix = α). The backward is
-``∂L/∂x = s(x) · ∂L/∂y`` with an estimator-specific multiplier ``s``. It is implemented with the detach trick
-``y = value.detach() + s · (x − x.detach())``: the forward value is exact (the second term is exactly 0) and the
-gradient is ``s · g``. Scheduled knobs (EDE ``t``, ``k``) are registered 0-dim float buffers of the estimator:
+``∂L/∂x = s(x) · ∂L/∂y`` with an estimator-specific multiplier ``s``.
+
+Built-in estimators define ``input_grad(x, g, mix)`` (the backward) and run through one small autograd Function
+(:func:`straight_through`) whose forward returns the value without any arithmetic: at mix = 1 the forward of a
+weight quantizer is just ``Q(w)``, and STE's backward is free. The generic detach trick
+``y = value.detach() + s · (x − x.detach())`` (:func:`_attach`) stays available for estimators that override
+``forward`` themselves. Scheduled knobs (EDE ``t``, ``k``) are registered 0-dim float buffers of the estimator:
 a callback updates them with ``.fill_()`` and they land in the checkpoint.
 
-**Activation coarse derivatives** for the quantized ReLU of BCGD (:func:`quant_relu`): the x-rule (STE through
-the staircase) and the α-rule (partial derivative with respect to the resolution α), implemented in one small
-``torch.autograd.Function`` that saves only x and α.
+The BCGD quantized-ReLU coarse gradients live in :mod:`qlight.quant.quant_relu`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from .functional import _fp, act_quant, check_choice
+from .functional import check_choice
+from .quant_relu import ALPHA_RULES, X_RULES, alpha_grad_factor, quant_relu, x_grad_mask
 
 __all__ = [
     "ALPHA_RULES",
@@ -45,6 +46,7 @@ __all__ = [
     "list_estimators",
     "quant_relu",
     "register_estimator",
+    "straight_through",
     "x_grad_mask",
 ]
 
@@ -101,20 +103,59 @@ def _mix_value(x: Tensor, x_q: Tensor, mix: Tensor | float) -> Tensor:
 
 
 def _attach(value: Tensor, x: Tensor, scale: Tensor | None = None) -> Tensor:
-    """Return ``value`` (exactly) with the gradient ``scale · ∂L/∂y`` routed to ``x`` (identity if None)."""
+    """Return ``value`` (exactly) with the gradient ``scale · ∂L/∂y`` routed to ``x`` (identity if None).
+
+    The generic detach trick, for estimators that write their own ``forward``; built-in estimators use the
+    cheaper :func:`straight_through`.
+    """
     d = x - x.detach()
     if scale is not None:
         d = scale * d
     return value + d
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``value`` as is (no arithmetic). Backward: ``estimator.input_grad(x, g, mix)`` for ``x``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, value: Tensor, estimator: Estimator, mix: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.estimator = estimator
+        ctx.save_for_backward(x if estimator.needs_input else None, mix)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, mix = ctx.saved_tensors
+        gx = ctx.estimator.input_grad(x, g, mix) if ctx.needs_input_grad[0] else None
+        return gx, None, None, None
+
+
+def straight_through(x: Tensor, value: Tensor, estimator: Estimator, mix: Tensor) -> Tensor:
+    """``value`` in the forward, ``estimator.input_grad(x, ∂L/∂y, mix)`` as the gradient of ``x``.
+
+    ``value`` must carry no gradient (compute it under ``torch.no_grad()`` or from detached tensors).
+    """
+    return _StraightThrough.apply(x, value, estimator, mix)
+
+
 class Estimator(nn.Module):
-    """Base class of tensor estimators: ``forward(x, x_q, mix) -> y`` (see the module docstring)."""
+    """Base class of tensor estimators: ``forward(x, x_q, mix) -> y`` (see the module docstring).
+
+    Subclasses define the backward as :meth:`input_grad` (and set :attr:`needs_input` when it reads ``x``), or
+    override ``forward`` entirely (e.g. with :func:`_attach`).
+    """
 
     name: str = "base"
+    #: whether :meth:`input_grad` reads the latent tensor (otherwise it is not kept for the backward)
+    needs_input: ClassVar[bool] = True
 
-    def forward(self, x: Tensor, x_q: Tensor, mix: Tensor | float) -> Tensor:  # pragma: no cover
+    def input_grad(self, x: Tensor, g: Tensor, mix: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """``∂L/∂x`` given ``g = ∂L/∂y`` (``x`` is the latent tensor, detached; ``mix`` the 0-dim mixing weight)."""
         raise NotImplementedError
+
+    def forward(self, x: Tensor, x_q: Tensor, mix: Tensor | float) -> Tensor:
+        m = _as_tensor(mix, x)
+        return straight_through(x, _mix_value(x, x_q, m), self, m)
 
 
 @register_estimator("ste")
@@ -125,8 +166,10 @@ class STE(Estimator):
     applied to the latent x).
     """
 
-    def forward(self, x: Tensor, x_q: Tensor, mix: Tensor | float) -> Tensor:
-        return _attach(_mix_value(x, x_q, mix), x)
+    needs_input = False
+
+    def input_grad(self, x: Tensor, g: Tensor, mix: Tensor) -> Tensor:
+        return g
 
 
 @register_estimator("clipped_ste")
@@ -142,10 +185,8 @@ class ClippedSTE(Estimator):
             raise ValueError(f"clip={clip!r} must be > 0")
         self.clip = float(clip)
 
-    def forward(self, x: Tensor, x_q: Tensor, mix: Tensor | float) -> Tensor:
-        xd = x.detach()
-        mask = (xd.abs() <= self.clip).to(xd.dtype)
-        return _attach(_mix_value(x, x_q, mix), x, mask)
+    def input_grad(self, x: Tensor, g: Tensor, mix: Tensor) -> Tensor:
+        return g.masked_fill(x.abs() > self.clip, 0.0)
 
     def extra_repr(self) -> str:
         return f"clip={self.clip}"
@@ -174,16 +215,13 @@ class AQE(Estimator):
         self.backward_rule = backward_rule
         self.clip = float(clip)
 
-    def forward(self, x: Tensor, x_q: Tensor, mix: Tensor | float) -> Tensor:
-        xd = x.detach()
-        m = _as_tensor(mix, xd)
+    def input_grad(self, x: Tensor, g: Tensor, mix: Tensor) -> Tensor:
+        m = mix.to(g.dtype)
         if self.backward_rule == "autograd":
-            scale = 1.0 - m
-        else:
-            scale = (xd.abs() <= self.clip).to(xd.dtype)
-            if self.backward_rule == "eq18":
-                scale = scale * (2.0 * m)
-        return _attach(_mix_value(x, x_q, m), x, scale)
+            return g * (1.0 - m)
+        if self.backward_rule == "eq18":
+            g = g * (2.0 * m)
+        return g.masked_fill(x.abs() > self.clip, 0.0)
 
     def extra_repr(self) -> str:
         return f"backward_rule={self.backward_rule!r}, clip={self.clip}"
@@ -217,125 +255,7 @@ class EDE(Estimator):
         self.t.copy_(tt)
         self.k.copy_(torch.clamp(1.0 / tt, min=1.0))
 
-    def forward(self, x: Tensor, x_q: Tensor, mix: Tensor | float) -> Tensor:
-        xd = x.detach()
-        t = self.t.to(xd.dtype)
-        scale = self.k.to(xd.dtype) * t * (1.0 - torch.tanh(t * xd) ** 2)
-        return _attach(_mix_value(x, x_q, mix), x, scale)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# BCGD quantized ReLU: coarse derivatives with respect to x and alpha
-
-#: coarse derivative of the quantized ReLU with respect to x ("bfun" in the authors' code)
-X_RULES = ("identity", "relu", "clipped")
-#: partial derivative with respect to the resolution alpha ("gd_type" in the authors' code)
-ALPHA_RULES = ("ae", "mean", "min", "pact")
-
-
-def x_grad_mask(x: Tensor, alpha: Tensor, bits: int, x_rule: str) -> Tensor:
-    """Coarse derivative ``∂σ/∂x`` of the quantized ReLU as a boolean mask (``L = 2^b − 1``).
-
-    ``identity``: 1; ``relu``: ``1{x > 0}``; ``clipped`` (the authors' ``inplt``, default): ``1{0 < x ≤ Lα}``.
-    """
-    check_choice("x_rule", x_rule, X_RULES)
-    xf = _fp(x)
-    if x_rule == "identity":
-        return torch.ones_like(xf, dtype=torch.bool)
-    if x_rule == "relu":
-        return xf > 0
-    return (xf > 0) & (xf <= float(2**bits - 1) * alpha.to(xf.dtype))
-
-
-def alpha_grad_factor(x: Tensor, alpha: Tensor, bits: int, alpha_rule: str, mode: str = "ceil") -> Tensor:
-    """Elementwise ``D(x) ≈ ∂σ/∂α`` of the quantized ReLU (``L = 2^b − 1``), zero for ``x ≤ 0``.
-
-    - ``ae`` (a.e. exact): the level index ``σ(x)/α``: ``⌈x/α⌉`` on ``(0, (L−1)α]`` and L above (ceil mode;
-      ``clamp(round(x/α), 0, L)`` in round mode),
-    - ``mean`` (default): ``2^(b−1) = (L+1)/2`` on ``(0, Lα]``, L above,
-    - ``min``: 1 on ``(0, Lα]``, L above,
-    - ``pact``: 0 on ``(0, Lα]``, L above.
-    """
-    check_choice("alpha_rule", alpha_rule, ALPHA_RULES)
-    xf = _fp(x)
-    a = alpha.to(xf.dtype)
-    level = float(2**bits - 1)
-    if alpha_rule == "ae":
-        return act_quant(xf, a, bits, mode) / a
-    inner = {"mean": float(2 ** (bits - 1)), "min": 1.0, "pact": 0.0}[alpha_rule]
-    sat = xf > level * a
-    if inner == 0.0:
-        return torch.where(sat, level, 0.0).to(xf.dtype)
-    return torch.where(sat, level, torch.where(xf > 0, inner, 0.0)).to(xf.dtype)
-
-
-class _QuantReLUFn(torch.autograd.Function):
-    """σ(x; clamp(α)) forward; backward ``g·x_mask`` for x and ``clamp(r·Σ g·D(x), −1, 1)`` for α, per call.
-
-    The α clamp to [lo, hi] is straight-through: the α-gradient computed at the clamped value is returned for
-    the unclamped α. ``alpha_grad=False`` returns an exactly-zero α-gradient (calibration).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,
-        alpha: Tensor,
-        rate_factor: Tensor,
-        bits: int,
-        mode: str,
-        x_rule: str,
-        alpha_rule: str,
-        lo: float | None,
-        hi: float | None,
-        alpha_grad: bool,
-    ) -> Tensor:
-        a = alpha.clamp(lo, hi) if (lo is not None or hi is not None) else alpha
-        ctx.save_for_backward(x, a, rate_factor)
-        ctx.cfg = (bits, mode, x_rule, alpha_rule, alpha_grad)  # type: ignore[attr-defined]
-        return act_quant(x, a, bits, mode)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, a, rate_factor = ctx.saved_tensors  # type: ignore[attr-defined]
-        bits, mode, x_rule, alpha_rule, alpha_grad = ctx.cfg  # type: ignore[attr-defined]
-        gx = ga = None
-        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            gx = g if x_rule == "identity" else torch.where(x_grad_mask(x, a, bits, x_rule), g, 0.0)
-        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
-            if alpha_grad:
-                s = (_fp(g) * alpha_grad_factor(x, a, bits, alpha_rule, mode)).sum()
-                ga = torch.clamp(rate_factor.to(s.dtype) * s, -1.0, 1.0).to(a.dtype).reshape(a.shape)
-            else:
-                ga = torch.zeros_like(a)
-        return gx, ga, None, None, None, None, None, None, None, None
-
-
-def quant_relu(
-    x: Tensor,
-    alpha: Tensor,
-    bits: int = 4,
-    mode: str = "ceil",
-    x_rule: str = "clipped",
-    alpha_rule: str = "mean",
-    rate_factor: Tensor | float = 0.01,
-    alpha_min: float | None = None,
-    alpha_max: float | None = None,
-    alpha_grad: bool = True,
-) -> Tensor:
-    """BCGD quantized ReLU with coarse gradients (one autograd call).
-
-    Forward: :func:`~qlight.quant.functional.act_quant` ``σ(x; α_c)`` (levels ``{0, α_c, …, Lα_c}``) with
-    ``α_c = clamp(α, alpha_min, alpha_max)`` (no clamp by default).
-    Backward: ``∂L/∂x = ∂L/∂σ · x_grad_mask(x)`` (:func:`x_grad_mask`) and
-    ``∂L/∂α = clamp(rate_factor · Σ_{all elements} ∂L/∂σ · D(x), −1, 1)`` (:func:`alpha_grad_factor`, evaluated at
-    α_c; straight through the α clamp), clamped per call: an α used twice in one forward gets the sum of two
-    clamped terms (as in the authors' code). ``alpha_grad=False`` gives α an exactly-zero gradient.
-    Pass ``rate_factor`` as a tensor in hot loops (a float is turned into a new tensor on x's device).
-    """
-    check_choice("bits", bits, tuple(range(1, 9)))
-    check_choice("mode", mode, ("ceil", "round"))
-    check_choice("x_rule", x_rule, X_RULES)
-    check_choice("alpha_rule", alpha_rule, ALPHA_RULES)
-    rf = rate_factor if isinstance(rate_factor, Tensor) else torch.tensor(float(rate_factor), device=x.device)
-    return _QuantReLUFn.apply(x, alpha, rf, bits, mode, x_rule, alpha_rule, alpha_min, alpha_max, alpha_grad)
+    def input_grad(self, x: Tensor, g: Tensor, mix: Tensor) -> Tensor:
+        t = self.t.to(x.dtype)
+        scale = self.k.to(x.dtype) * t * (1.0 - torch.tanh(t * x) ** 2)
+        return g * scale

@@ -24,7 +24,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "act_bounds",
+    "act_level_index",
+    "act_levels",
     "act_quant",
+    "act_regions",
     "binary_weight",
     "check_choice",
     "pow2_levels",
@@ -178,9 +182,10 @@ def uniform_weight(w: Tensor, bits: int, per_channel: bool = False) -> Tensor:
 def sign_quant(x: Tensor) -> Tensor:
     """Unscaled 1-bit quantizer (AQE Eq. 4 / BNN): ``h(x) = +1 if x ≥ 0 else −1``.
 
-    Unlike ``torch.sign``, 0 maps to +1, so the output takes exactly two values {−1, +1}.
+    Unlike ``torch.sign``, 0 (and −0) maps to +1, so the output takes exactly two values {−1, +1}; NaN maps to −1.
+    Three elementwise ops (``ge``, ``mul``, ``sub``): ``torch.where`` with Python scalars would add two device fills.
     """
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    return (x >= 0).mul(2.0).sub_(1.0).to(x.dtype)
 
 
 def ternary_quant(x: Tensor, delta: float = 0.5) -> Tensor:
@@ -190,7 +195,7 @@ def ternary_quant(x: Tensor, delta: float = 0.5) -> Tensor:
     """
     if not delta >= 0:
         raise ValueError(f"delta={delta!r} must be >= 0")
-    return torch.where(x.abs() > delta, torch.sign(x), torch.zeros_like(x))
+    return torch.sign(x).masked_fill_(x.abs() <= delta, 0.0)
 
 
 def pow2_levels(bits: int) -> list[float]:
@@ -286,11 +291,77 @@ def pow2_weight(
     return (c * q * torch.sign(wf)).to(w.dtype)
 
 
+def act_levels(bits: int) -> int:
+    """``L = 2^b − 1``: the top level index of a b-bit quantized ReLU (levels ``{0, α, …, Lα}``)."""
+    check_choice("bits", bits, ACT_BITS)
+    return 2**bits - 1
+
+
+def act_bounds(alpha: Tensor, bits: int) -> Tensor:
+    """The region boundaries ``[0, (L−1)α, Lα]`` of a quantized ReLU, each rounded once (``α·[0, L−1, L]``).
+
+    They split the input line into four regions (:func:`act_regions`): ``x ≤ 0``, ``0 < x ≤ (L−1)α`` (the ceil
+    staircase), ``(L−1)α < x ≤ Lα`` and ``x > Lα`` (both at the top level; the coarse gradients treat them
+    differently). The products are the values the BCGD authors' code compares against (``a*(level-1)`` and
+    ``a*level`` with ``a = alpha.item()``: the exact product rounded once to the tensor's dtype).
+    """
+    level = act_levels(bits)
+    return alpha.reshape(1) * torch.tensor([0.0, level - 1.0, float(level)], dtype=alpha.dtype, device=alpha.device)
+
+
+def act_regions(x: Tensor, bounds: Tensor) -> Tensor:
+    """Region index in {0, 1, 2, 3} of every element of ``x`` (int32): how many of ``bounds`` are ``< x``.
+
+    ``torch.bucketize`` compares ``x`` with the rounded boundaries exactly, in one op. With 1-bit activations
+    ``(L−1)α = 0``, so region 1 is empty and every ``x > 0`` (subnormal included) is at the top level.
+    """
+    return torch.bucketize(x, bounds, out_int32=True)
+
+
+def level_rows(bits: int, mode: str) -> list[list[float]]:
+    """``[[low per region], [high per region]]``: the level index is ``clamp(ceil(x/α), low, high)``.
+
+    ceil (the authors' quantized ReLU): region 0 → 0; region 1 → ``ceil(x/α)`` as computed in floating point,
+    at most L; regions 2, 3 → L. round: ``clamp(round(x/α), 0, L)`` everywhere.
+    """
+    level = float(act_levels(bits))
+    if mode == "ceil":
+        return [[0.0, 0.0, level, level], [0.0, level, level, level]]
+    return [[0.0, 0.0, 0.0, 0.0], [level, level, level, level]]
+
+
+def level_index(x: Tensor, alpha: Tensor, bounds_rows: Tensor, mode: str) -> Tensor:
+    """``k = clamp(ceil|round(x/α), low[r], high[r])`` with ``bounds_rows = (low[r], high[r])`` looked up per element.
+
+    ``x/α`` is rounded once, as in the authors' code (``(input/a).ceil()``), so the staircase is theirs bit for bit.
+    """
+    k = x / alpha
+    k = k.ceil_() if mode == "ceil" else k.round_()
+    return k.clamp_(bounds_rows[0], bounds_rows[1])
+
+
+def act_level_index(x: Tensor, alpha: Tensor | float, bits: int, mode: str = "ceil") -> Tensor:
+    """The level index ``k ∈ {0, …, L}`` of :func:`act_quant` (``act_quant = α·k``), in x's compute dtype.
+
+    It is also the a.e.-exact α-derivative of the quantized ReLU (``alpha_rule="ae"``).
+    """
+    check_choice("mode", mode, ("ceil", "round"))
+    xf = _fp(x)
+    a = alpha if isinstance(alpha, Tensor) else torch.tensor(float(alpha), dtype=xf.dtype, device=xf.device)
+    a = a.to(device=xf.device, dtype=xf.dtype)
+    rows = torch.tensor(level_rows(bits, mode), dtype=xf.dtype, device=xf.device)
+    regions = act_regions(xf, act_bounds(a, bits))
+    return level_index(xf, a, rows[:, regions], mode)
+
+
 def act_quant(x: Tensor, alpha: Tensor | float, bits: int, mode: str = "ceil") -> Tensor:
     """Quantized ReLU with resolution α (BCGD §2), levels ``{0, α, 2α, …, Lα}``, ``L = 2^b − 1``.
 
-    - ``mode="ceil"`` (authors' code): ``σ(x) = 0`` for ``x ≤ 0``; ``⌈x/α⌉·α`` on ``(0, (L−1)α]``; ``Lα`` above,
-      i.e. ``σ(x) = α · min(⌈x/α⌉, L)`` for ``x > 0``.
+    - ``mode="ceil"`` (authors' code): ``σ(x) = 0`` for ``x ≤ 0``; ``⌈x/α⌉·α`` for ``0 < x ≤ (L−1)α``; ``Lα`` for
+      ``x > (L−1)α``. The last test compares ``x`` with the rounded product ``(L−1)α``, as the authors' code does,
+      so two floating-point cases come out as theirs: the float just above ``(L−1)α`` whose quotient ``x/α`` rounds
+      down to exactly ``L−1`` (level L, not L−1), and 1-bit activations with subnormal ``x > 0``, where ``x/α``
+      underflows to 0 (level 1, not 0).
     - ``mode="round"``: ``σ(x) = α · clamp(round(x/α), 0, L)`` (``torch.round``: half to even).
 
     Both take exactly ``2^b`` values. α must be positive (the layer clamps it); it may be a 0-dim tensor.
@@ -299,10 +370,5 @@ def act_quant(x: Tensor, alpha: Tensor | float, bits: int, mode: str = "ceil") -
     check_choice("mode", mode, ("ceil", "round"))
     xf = _fp(x)
     a = alpha if isinstance(alpha, Tensor) else torch.tensor(float(alpha), dtype=xf.dtype, device=xf.device)
-    a = a.to(xf.dtype)
-    level = float(2**bits - 1)
-    if mode == "ceil":
-        k = torch.ceil(xf.clamp(min=0.0) / a).clamp(max=level)
-    else:
-        k = torch.round(xf / a).clamp(min=0.0, max=level)
-    return (k * a).to(x.dtype)
+    a = a.to(device=xf.device, dtype=xf.dtype)
+    return (act_level_index(xf, a, bits, mode) * a).to(x.dtype)

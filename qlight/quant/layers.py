@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as QF
-from .estimators import ALPHA_RULES, X_RULES, Estimator, build_estimator, quant_relu
+from .estimators import Estimator, build_estimator, straight_through
 from .functional import _fp, check_choice
+from .quant_relu import ALPHA_RULES, MODES, X_RULES, QuantReLUFunction, quant_relu_table
 
 __all__ = [
     "BIT_ALPHA",
@@ -141,6 +142,17 @@ class TensorQuantizer(nn.Module):
 
     Math runs in float32 (float64 stays float64) and the output has ``x``'s dtype.
 
+    Two things keep the eager training forward lean (a binary weight costs ``abs, mean, sign, mul``):
+
+    - at ``mix = 1`` the ``lerp`` is skipped when the quantizer *knows* mix is 1 without reading the device:
+      mix was set through :meth:`set_mix` (or construction, or ``load_state_dict``) and the buffer has not been
+      written since (its version counter and storage are unchanged). Any other write falls back to the
+      ``lerp``, which is exact at every mix. Under ``torch.compile`` the ``lerp`` always runs (it is fused).
+    - built-in estimators attach their backward through one small autograd Function, not arithmetic.
+
+    With :attr:`keep_training_value` on (BCGD and BinaryRelax switch it on), the forward value of the last
+    training forward is kept, so the blend can use the exact tensor the loss saw (:meth:`training_value`).
+
     Args:
         quantizer: ``binary`` (1 bit), ``ternary`` (2), ``uniform`` (2..8), ``pow2`` (2..8), ``sign`` (1),
             ``ternary_unit`` (2), ``pow2_unit`` (2..8); see :data:`QUANTIZERS`.
@@ -177,9 +189,46 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("mix", torch.tensor(float(mix)))
         self.estimator_name = estimator
         self.estimator: Estimator = build_estimator(estimator, **dict(estimator_kwargs or {}))
+        #: keep the value of the last training forward for :meth:`training_value` (off by default: memory)
+        self.keep_training_value = False
+        self._training_value: Tensor | None = None
+        self._training_key: tuple[int, int] | None = None
+        self._mix_one_key: tuple[int, int] | None = None
+        self._note_mix(float(mix))
         # dry run: bad quantizer_kwargs values fail here, at construction, not at the first forward
         self._q(torch.linspace(-1.0, 1.0, 8).reshape(2, 4))
 
+    # ------------------------------------------------------------------ mix bookkeeping (host side)
+    def _note_mix(self, value: float) -> None:
+        """Remember (without reading the device) whether the buffer now holds exactly 1."""
+        self._mix_one_key = (self.mix._version, self.mix.data_ptr()) if value == 1.0 else None
+
+    def _mix_is_one(self) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        return self._mix_one_key is not None and self._mix_one_key == (self.mix._version, self.mix.data_ptr())
+
+    @torch.no_grad()
+    def set_mix(self, value: float) -> None:
+        """In place: ``mix ← value`` (0 ≤ value ≤ 1). Prefer it to ``mix.fill_`` in hot loops (see the class doc)."""
+        self.mix.fill_(float(value))
+        self._note_mix(float(value))
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+        loaded = state_dict.get(prefix + "mix")
+        if isinstance(loaded, Tensor) and loaded.numel() == 1 and loaded.device.type != "meta":
+            self._note_mix(float(loaded))
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TensorQuantizer:
+        was_one = self._mix_is_one()
+        super()._apply(fn, *args, **kwargs)
+        if was_one:  # a device move or dtype cast keeps the value 1
+            self._note_mix(1.0)
+        self._training_value = None
+        return self
+
+    # ------------------------------------------------------------------ quantization
     def _q(self, x: Tensor) -> Tensor:
         return QUANTIZERS[self.quantizer].fn(x, self.bits, self.per_channel, **self.quantizer_kwargs)
 
@@ -188,21 +237,50 @@ class TensorQuantizer(nn.Module):
         with torch.no_grad():
             return self._q(_fp(x.detach())).to(x.dtype)
 
+    def training_value(self, x: Tensor, fresh: bool = False) -> Tensor | None:
+        """The forward value of the last training forward of ``x``, if kept and ``x`` is unchanged since.
+
+        "Unchanged" means the same storage and version counter: any in-place write to ``x`` (an optimizer step,
+        a clip, ``load_state_dict``) makes the kept value stale, and this returns None. A value kept by a
+        compiled forward carries no version; it is returned only with ``fresh=True``, when the caller knows that
+        a training forward ran since ``x`` was last written (BCGD checks this per step itself).
+        """
+        if self._training_value is None:
+            return None
+        if self._training_key is None:
+            return self._training_value if fresh else None
+        if self._training_key != (x._version, x.data_ptr()):
+            return None
+        return self._training_value
+
+    def forget_training_value(self) -> None:
+        """Drop the kept value (e.g. at the start of a step, so that only this step's forward can set it)."""
+        self._training_value = None
+        self._training_key = None
+
     def forward(self, x: Tensor) -> Tensor:
         xf = _fp(x)
-        x_q = self._q(xf.detach())
+        xd = xf.detach()
+        x_q = self._q(xd)
         if self.training:
-            y = self.estimator(xf, x_q, self.mix)
+            estimator = self.estimator
+            if type(estimator).forward is Estimator.forward:
+                value = x_q if self._mix_is_one() else torch.lerp(xd, x_q, self.mix.to(xd.dtype))
+                y = straight_through(xf, value, estimator, self.mix)
+            else:  # an estimator with its own forward (e.g. the detach trick)
+                y = estimator(xf, x_q, self.mix)
+                value = y.detach()
+            if self.keep_training_value:
+                self._training_value = value
+                # the key ties the value to this exact weight; a compiled forward cannot read it (that
+                # would guard on the version and recompile every step), so its value carries no key and
+                # only a caller that checked freshness itself may use it (see training_value)
+                self._training_key = None if torch.compiler.is_compiling() else (x._version, x.data_ptr())
         elif torch.is_grad_enabled() and xf.requires_grad:
-            y = x_q + (xf - xf.detach())
+            y = x_q + (xf - xd)
         else:
             y = x_q
         return y.to(x.dtype)
-
-    @torch.no_grad()
-    def set_mix(self, value: float) -> None:
-        """In place: ``mix ← value`` (0 ≤ value ≤ 1)."""
-        self.mix.fill_(float(value))
 
     def summary(self) -> str:
         """Short tag such as ``binary/1b/ste`` (``+pc`` when per channel)."""
@@ -224,7 +302,36 @@ def _share_params(dst: nn.Module, src: nn.Module) -> None:
     dst.train(src.training)
 
 
-class QuantConv2d(nn.Conv2d):
+class _WeightQuantized:
+    """What QuantConv2d and QuantLinear share: the latent ``weight`` and its quantized forms."""
+
+    weight: nn.Parameter
+    weight_quantizer: TensorQuantizer
+
+    def quantized_weight(self) -> Tensor:
+        """Hard ``Q(weight)`` (no gradient), e.g. for diagnostics and export."""
+        return self.weight_quantizer.quantize(self.weight)
+
+    def training_weight(self, fresh: bool = False) -> Tensor:
+        """The kernel the training forward uses (no gradient): ``lerp(w, Q(w), mix)``, i.e. ``Q(w)`` at mix = 1.
+
+        When the quantizer keeps its training value (``weight_quantizer.keep_training_value``, switched on by
+        BCGD and BinaryRelax) and the weight is unchanged since the last training forward, this is that exact
+        tensor, at no cost. Otherwise it is recomputed from the current weight with the same expression the
+        forward uses, so both ways give the same bits. ``fresh`` is passed on to
+        :meth:`TensorQuantizer.training_value` (for values kept by a compiled forward).
+        """
+        kept = self.weight_quantizer.training_value(self.weight, fresh)
+        if kept is not None:
+            return kept
+        quantizer = self.weight_quantizer
+        w = _fp(self.weight.detach())
+        with torch.no_grad():
+            value = torch.lerp(w, quantizer._q(w), quantizer.mix.to(w.dtype))
+        return value.to(self.weight.dtype)
+
+
+class QuantConv2d(_WeightQuantized, nn.Conv2d):
     """``nn.Conv2d`` whose latent float ``weight`` is quantized in every forward by ``weight_quantizer``.
 
     ``forward(x) = conv2d(x, weight_quantizer(weight), bias, stride, padding, dilation, groups)`` (padding modes
@@ -260,10 +367,6 @@ class QuantConv2d(nn.Conv2d):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_q={self.weight_quantizer.summary()}"
 
-    def quantized_weight(self) -> Tensor:
-        """Hard ``Q(weight)`` (no gradient), e.g. for BCGD blending, diagnostics and export."""
-        return self.weight_quantizer.quantize(self.weight)
-
     @classmethod
     def from_float(cls, module: nn.Conv2d, weight_quantizer: TensorQuantizer | None = None) -> QuantConv2d:
         """Quantized twin of ``module`` that shares its ``weight``/``bias`` Parameters (same device and dtype)."""
@@ -277,7 +380,7 @@ class QuantConv2d(nn.Conv2d):
         return q
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_WeightQuantized, nn.Linear):
     """``nn.Linear`` whose latent float ``weight`` is quantized in every forward by ``weight_quantizer``.
 
     ``forward(x) = linear(x, weight_quantizer(weight), bias)``; in eval mode the weight is exactly ``Q(weight)``.
@@ -302,10 +405,6 @@ class QuantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_q={self.weight_quantizer.summary()}"
-
-    def quantized_weight(self) -> Tensor:
-        """Hard ``Q(weight)`` (no gradient)."""
-        return self.weight_quantizer.quantize(self.weight)
 
     @classmethod
     def from_float(cls, module: nn.Linear, weight_quantizer: TensorQuantizer | None = None) -> QuantLinear:
@@ -337,11 +436,15 @@ class QuantAct(nn.Module):
     gradient to ``alpha``) instead of the authors' in-place ``alpha.data.clamp_``: this keeps the forward free of
     parameter mutation (compile-friendly, safe for an α used twice in one forward); the gradient is evaluated at
     the clamped value as in the authors' code. Call :meth:`clamp_alpha_` after an optimizer step to project the
-    stored α too (e.g. from a callback) if the exact authors' behaviour is wanted.
+    stored α too (the task does, once per step for all layers).
 
     Backward: ``x_rule`` (``identity`` | ``relu`` | ``clipped``) for x and
     ``dα = clamp(rate_factor · Σ ∂L/∂σ · D(x), −1, 1)`` per call with ``alpha_rule`` (``ae`` | ``mean`` | ``min`` |
-    ``pact``) for α (:func:`~qlight.quant.estimators.quant_relu`).
+    ``pact``) for α (:class:`~qlight.quant.quant_relu.QuantReLUFunction`: ten ATen ops per call).
+
+    The clamped resolution and the region boundaries ``α_c·[0, L−1, L]`` depend on α only, so they are computed
+    once per α value (keyed by α's version counter and storage, no device read) and shared by both calls of an α
+    used twice; after :meth:`clamp_alpha_` the clamp is known to be the identity and is skipped.
 
     Calibration: while the plain attribute ``calibrating`` is True, each forward sets
     ``alpha ← max|x| / (2^b − 1)`` of the current batch (``calib_stat="absmax"``, the authors' code;
@@ -350,6 +453,9 @@ class QuantAct(nn.Module):
     (a zero tensor rather than None, so DDP without ``find_unused_parameters`` is happy). The authors did
     this in the backward, so their forward used the previous batch's value. A module called twice in one forward
     (α shared across a ResNet block) ends up with the value from its last call.
+
+    ``rate_factor`` is a buffer that follows the module's dtype exactly: a ``.double()`` model holds 0.01, not the
+    float32 rounding of 0.01.
 
     Args:
         bits: activation bits 1..8.
@@ -361,6 +467,8 @@ class QuantAct(nn.Module):
     """
 
     rate_factor: Tensor
+    _bounds_mult: Tensor
+    _table: Tensor
 
     def __init__(
         self,
@@ -377,7 +485,7 @@ class QuantAct(nn.Module):
     ) -> None:
         super().__init__()
         check_choice("bits", bits, sorted(BIT_ALPHA))
-        check_choice("mode", mode, ("ceil", "round"))
+        check_choice("mode", mode, MODES)
         check_choice("x_rule", x_rule, X_RULES)
         check_choice("alpha_rule", alpha_rule, ALPHA_RULES)
         check_choice("calib_stat", calib_stat, ("absmax", "max"))
@@ -397,12 +505,25 @@ class QuantAct(nn.Module):
         self.calib_stat = calib_stat
         self.calibrating = False
         self.alpha = nn.Parameter(torch.tensor(a0, device=device))
+        self._rate_factor_value = float(rate_factor)
         self.register_buffer("rate_factor", torch.tensor(float(rate_factor), device=device))
+        level = float(self.levels)
+        self.register_buffer(
+            "_bounds_mult", torch.tensor([0.0, level - 1.0, level], device=device), persistent=False
+        )
+        table = quant_relu_table(self.bits, mode, x_rule, alpha_rule)
+        self.register_buffer("_table", torch.tensor(table, dtype=torch.uint8, device=device), persistent=False)
+        self._resolution_key: tuple[int, int, torch.dtype] | None = None
+        self._resolution: tuple[Tensor, Tensor] | None = None
+        self._projected_key: tuple[int, int] | None = None
 
     @property
     def levels(self) -> int:
         """L = 2^b − 1 (the top level is L·α)."""
         return 2**self.bits - 1
+
+    def _alpha_key(self) -> tuple[int, int]:
+        return (self.alpha._version, self.alpha.data_ptr())
 
     @torch.no_grad()
     def calibrate_(self, x: Tensor) -> Tensor:
@@ -418,14 +539,54 @@ class QuantAct(nn.Module):
     def clamp_alpha_(self) -> None:
         """Project the stored α onto ``[alpha_min, alpha_max]`` in place (the authors' in-place clamp)."""
         self.alpha.clamp_(self.alpha_min, self.alpha_max)
+        self.note_projected()
+
+    def note_projected(self) -> None:
+        """Record that the stored α was just projected onto its range, so the forward can skip its clamp."""
+        self._projected_key = self._alpha_key()
+
+    def resolution(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(α_c, α_c·[0, L−1, L])`` in ``dtype``, without gradient: cached while α is unchanged."""
+        if torch.compiler.is_compiling():  # fused into the graph; no host-side bookkeeping
+            a = self.alpha.detach().clamp(self.alpha_min, self.alpha_max).to(dtype)
+            return a, a.reshape(1) * self._bounds_mult.to(dtype)
+        key = (*self._alpha_key(), dtype)
+        if self._resolution is None or key != self._resolution_key:
+            with torch.no_grad():
+                a = self.alpha.detach()
+                if self._projected_key != key[:2]:
+                    a = a.clamp(self.alpha_min, self.alpha_max)
+                a = a.to(dtype)
+                self._resolution = (a, a.reshape(1) * self._bounds_mult.to(dtype))
+            self._resolution_key = key
+        return self._resolution
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> QuantAct:
+        old_dtype = self.rate_factor.dtype
+        super()._apply(fn, *args, **kwargs)
+        self._resolution = None
+        self._projected_key = None
+        rf = self.rate_factor
+        if rf.dtype != old_dtype and rf.is_floating_point() and rf.device.type != "meta":
+            # a cast keeps the value's old rounding (0.01 in float32 is 0.0099999998); restore it exactly
+            # when the buffer still holds the configured value
+            with torch.no_grad():
+                if float(rf) == float(torch.tensor(self._rate_factor_value, dtype=old_dtype)):
+                    rf.fill_(self._rate_factor_value)
+        return self
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+        self._resolution = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.calibrating and self.training:
             # alpha <- stat(x)/L in place, then used with an exactly-zero gradient (not None: DDP sees alpha used)
             self.calibrate_(x)
-        return quant_relu(
-            x, self.alpha, self.bits, self.mode, self.x_rule, self.alpha_rule, self.rate_factor,
-            self.alpha_min, self.alpha_max, alpha_grad=not self.calibrating,
+        a, bounds = self.resolution(_fp(x).dtype)
+        return QuantReLUFunction.apply(
+            x, self.alpha, a, bounds, self._table, self.rate_factor, self.mode, self.alpha_rule == "ae",
+            not self.calibrating,
         )
 
     def extra_repr(self) -> str:
@@ -435,13 +596,36 @@ class QuantAct(nn.Module):
         )
 
 
+class _InclusiveHardtanh(torch.autograd.Function):
+    """``hardtanh(x, lo, hi)`` whose gradient passes on the closed interval ``[lo, hi]``.
+
+    PyTorch's hardtanh backward is strict (zero at exactly ±1); AQE's backward ``2α·g·1{|x| ≤ 1}`` includes the
+    bounds, and AQE's latent clip puts values exactly there.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, lo: float, hi: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.bounds = (lo, hi)
+        return F.hardtanh(x, lo, hi)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        outside = x.abs() > hi if lo == -hi else (x < lo) | (x > hi)
+        return g.masked_fill(outside, 0.0), None, None
+
+
 class QuantHardtanh(nn.Hardtanh):
     """HardTanh followed by a :class:`TensorQuantizer`: the AQE/MINW-Net input quantizer.
 
     ``y = act_quantizer(hardtanh(x, min_val, max_val))``; in MINW-Net the pattern is QuantConv → (Pool) → BN →
     QuantHardtanh, whose output is the next layer's quantized input. With ``act_quantizer =
-    TensorQuantizer("sign", estimator="aqe")`` the backward is ``2·mix·g·1{|x| < 1}`` (the HardTanh supplies the
-    clip), the training forward ``mix·h(x̃) + (1 − mix)·x̃`` with ``x̃`` the clipped input, and eval ``h(x̃)``.
+    TensorQuantizer("sign", estimator="aqe")`` the backward is ``2·mix·g·1{|x| ≤ 1}`` (the HardTanh supplies the
+    clip, inclusive of the bounds as ``AQE.md`` §1 writes it), the training forward ``mix·h(x̃) + (1 − mix)·x̃``
+    with ``x̃`` the clipped input, and eval ``h(x̃)``. ``inplace`` is accepted for compatibility with
+    ``nn.Hardtanh`` and ignored (the clip is never in place).
     """
 
     def __init__(
@@ -456,7 +640,7 @@ class QuantHardtanh(nn.Hardtanh):
         self.act_quantizer = act_quantizer if act_quantizer is not None else TensorQuantizer("sign")
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act_quantizer(F.hardtanh(x, self.min_val, self.max_val, self.inplace))
+        return self.act_quantizer(_InclusiveHardtanh.apply(x, float(self.min_val), float(self.max_val)))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act_q={self.act_quantizer.summary()}"

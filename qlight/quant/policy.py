@@ -351,7 +351,7 @@ def set_mix(model: nn.Module, value: float | Tensor, role: Literal["all", "weigh
         if isinstance(value, Tensor):
             q.mix.copy_(value)
         else:
-            q.mix.fill_(float(value))
+            q.set_mix(float(value))
 
 
 def set_calibrating(model: nn.Module, flag: bool) -> None:
@@ -373,6 +373,8 @@ def clamp_alphas_(model: nn.Module | list[QuantAct]) -> None:
     for (low, high), alphas in ranges.items():
         torch._foreach_clamp_min_(alphas, low)
         torch._foreach_clamp_max_(alphas, high)
+    for act in acts:
+        act.note_projected()
 
 
 @torch.no_grad()

@@ -22,6 +22,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from qlight.models import build_model
 from qlight.quant import QuantAct, QuantSpec, TensorQuantizer, clamp_alphas_, param_groups, quantize_model
 from qlight.tasks.logging import step_logging_due
+from qlight.tasks.loss_window import LossWindow
+from qlight.tasks.optim import fast_kernels, merge_groups, relayout_checkpoint
 
 # The hyper-parameters hold a QuantSpec; resuming (`ckpt_path`) and `load_from_checkpoint` unpickle
 # with weights_only=True (torch >= 2.6), which refuses classes that are not allow-listed.
@@ -30,6 +32,11 @@ torch.serialization.add_safe_globals([QuantSpec])
 
 class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss became NaN or infinite."""
+
+
+#: torch.compile modes (None: the default); the ones with CUDA graphs need a step marker per training step
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -61,8 +68,13 @@ class ImageClassifier(LightningModule):
             code's ``stage``; 0 learns alpha from the first epoch).
         channels_last: keep weights and activations in channels-last memory format (faster convs
             on GPUs with tensor cores).
-        compile: ``torch.compile`` the network (in place, so checkpoint keys do not change).
-        compile_mode: ``torch.compile`` mode, e.g. ``max-autotune`` or ``reduce-overhead`` (CUDA graphs).
+        compile: ``torch.compile`` the network (in place, so checkpoint keys do not change): its training
+            forward and backward (AOTAutograd) and its evaluation forward become compiled graphs.
+        compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs: each compiled
+            graph replays with one launch; the step marks itself with ``cudagraph_mark_step_begin``),
+            ``max-autotune`` or ``max-autotune-no-cudagraphs``.
+        compile_backend: ``torch.compile`` backend: ``inductor`` (fused kernels) or ``aot_eager`` (the same
+            graphs run op by op: eager numerics, used to check the compiled path on a CPU).
     """
 
     def __init__(
@@ -84,6 +96,7 @@ class ImageClassifier(LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         compile_mode: str | None = None,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -91,6 +104,11 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 1)")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval={scheduler_interval!r}; valid: ['epoch', 'step']")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode={compile_mode!r} is not a torch.compile mode; valid: {list(COMPILE_MODES)}")
+        backends = sorted(torch._dynamo.list_backends(exclude_tags=()))
+        if compile_backend not in backends:
+            raise ValueError(f"compile_backend={compile_backend!r} is not a torch.compile backend; valid: {backends}")
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.model = build_model(model, num_classes=num_classes, **(model_kwargs or {}))
@@ -122,26 +140,25 @@ class ImageClassifier(LightningModule):
                 f"acc{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro", validate_args=False),
             }
         )
-        # training accuracy as device-side hit counts (top-1, top-k), reduced over ranks at epoch end:
-        # a torchmetrics update per step costs more Python than a small CIFAR network's forward
+        # training accuracy as device-side hit counts per rank of the true class among the top k
+        # (hits[0]: top-1, hits.sum(): top-k), reduced over ranks at epoch end: four kernels per step,
+        # where a torchmetrics update per step costs more Python than a small CIFAR network's forward
         self.top_k = top5
-        self.register_buffer("_train_hits", torch.zeros(2, dtype=torch.long), persistent=False)
+        self.register_buffer("_train_hits", torch.zeros(top5, dtype=torch.long), persistent=False)
         self._train_seen = 0
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        # step index of the first non-finite loss (-1: none); kept on the device so checking it
-        # costs no host sync in the step
-        self.register_buffer("_nonfinite_step", torch.tensor(-1, dtype=torch.long), persistent=False)
-        self.register_buffer("_step_counter", torch.tensor(0, dtype=torch.long), persistent=False)
-        # train/loss is the mean over the steps since it was last logged (summed on the device)
-        self.register_buffer("_loss_sum", torch.tensor(0.0), persistent=False)
-        self._loss_count = 0
+        # train/loss is the mean over the steps since it was last logged, and a non-finite loss stops
+        # the run naming its step: both read from this device buffer only when the logs are written
+        self._train_losses = LossWindow()
 
     # ------------------------------------------------------------------ set-up
     def configure_model(self) -> None:
         """Compile once the module sits on its device (idempotent)."""
-        if self.hparams["compile"] and not getattr(self, "_compiled", False):
-            self.model.compile(mode=self.hparams["compile_mode"])
+        hp = self.hparams
+        if hp["compile"] and not getattr(self, "_compiled", False):
+            mode = hp["compile_mode"] if hp["compile_backend"] == "inductor" else None
+            self.model.compile(mode=mode, backend=hp["compile_backend"])
             self._compiled = True
 
     def setup(self, stage: str) -> None:
@@ -188,27 +205,38 @@ class ImageClassifier(LightningModule):
         self.model.load_state_dict(state, strict=False)
         rank_zero_info(f"qlight: initialised {len(state)} tensors from {path} ({len(missing)} quantizer tensors kept)")
 
-    def configure_optimizers(self) -> Any:
-        groups = param_groups(self.model)
+    def _group_overrides(self) -> dict[str, dict[str, float]]:
+        """Hyper-parameters each base parameter group sets itself (groups with equal overrides merge)."""
         hp = self.hparams
-        spec = [
-            {"name": "quantized_weights", "params": groups["quantized_weights"]},
-            {"name": "weights", "params": groups["weights"]},
-            {"name": "biases", "params": groups["biases"]},
-            {"name": "alphas", "params": groups["alphas"]},
-        ]
+        overrides: dict[str, dict[str, float]] = {"biases": {}, "alphas": {}}
         if hp["bias_weight_decay"] is not None:
-            spec[2]["weight_decay"] = hp["bias_weight_decay"]
+            overrides["biases"]["weight_decay"] = hp["bias_weight_decay"]
         if hp["alpha_weight_decay"] is not None:
-            spec[3]["weight_decay"] = hp["alpha_weight_decay"]
-        optimizer = self.optimizer_factory([g for g in spec if g["params"]])
+            overrides["alphas"]["weight_decay"] = hp["alpha_weight_decay"]
+        if hp["alpha_lr_factor"] != 1.0:
+            overrides["alphas"]["lr_factor"] = hp["alpha_lr_factor"]
+        return overrides
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        return merge_groups(param_groups(self.model), self._group_overrides())
+
+    def configure_optimizers(self) -> Any:
+        """Parameter groups only where hyper-parameters differ; fused (CUDA) or foreach kernels (:mod:`.optim`)."""
+        hp = self.hparams
+        optimizer = fast_kernels(self.optimizer_factory(self._param_groups()))
         for group in optimizer.param_groups:
-            if group.get("name") == "alphas":
-                group["lr"] *= hp["alpha_lr_factor"]
+            group["lr"] *= group.get("lr_factor", 1.0)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": hp["scheduler_interval"]}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Re-lay out optimizer and scheduler state saved with other parameter groups (older qlight, other overrides)."""
+        groups = self._param_groups()
+        layout = [tuple(g["name"].split("+")) for g in groups]
+        sizes = {name: len(params) for name, params in param_groups(self.model).items()}
+        relayout_checkpoint(checkpoint, layout, sizes, owner=type(self).__name__)
 
     # ------------------------------------------------------------------ steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,10 +246,7 @@ class ImageClassifier(LightningModule):
         return F.cross_entropy(logits, target, label_smoothing=self.hparams["label_smoothing"])
 
     def on_train_start(self) -> None:
-        self._step_counter.fill_(self.global_step)
-        self._nonfinite_step.fill_(-1)
-        self._loss_sum.zero_()
-        self._loss_count = 0
+        self._train_losses.reset(self.global_step)
         self._train_hits.zero_()
         self._train_seen = 0
 
@@ -230,6 +255,9 @@ class ImageClassifier(LightningModule):
         calibrate = self.global_step < self.calibration_steps or self.current_epoch < hp["alpha_stage_epochs"]
         if calibrate != self._calibrating:
             self._set_calibrating(calibrate)
+        if hp["compile"] and hp["compile_mode"] in CUDA_GRAPH_MODES:
+            # a new iteration for CUDA-graph trees: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
 
     def on_validation_model_eval(self) -> None:
         # Max-calibration is a training rule: evaluating must neither fit alpha to validation batches
@@ -242,25 +270,34 @@ class ImageClassifier(LightningModule):
             act.calibrating = calibrate
         self._calibrating = calibrate
 
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and loss of a training batch: the network forward and what its backward differentiates."""
+        logits = self(x)
+        return logits, self._loss(logits, y)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
-        loss = self._loss(logits, y)
+        logits, loss = self.forward_loss(x, y)
+        self._train_losses.record(loss)
         with torch.no_grad():
-            first_bad = (self._nonfinite_step < 0) & ~torch.isfinite(loss)
-            self._nonfinite_step.copy_(torch.where(first_bad, self._step_counter, self._nonfinite_step))
-            self._step_counter.add_(1)
-        self._loss_sum.add_(loss.detach())
-        self._loss_count += 1
-        if step_logging_due(self.trainer, batch_idx):
-            self.log("train/loss", self._loss_sum / self._loss_count)
-            self._loss_sum.zero_()
-            self._loss_count = 0
-        with torch.no_grad():
-            hits = logits.topk(self.top_k, dim=1).indices == y.unsqueeze(1)
-            self._train_hits.add_(torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]))
+            self._train_hits.add_((logits.topk(self.top_k, dim=1).indices == y.unsqueeze(1)).sum(0))
         self._train_seen += len(y)
+        if step_logging_due(self.trainer, batch_idx):
+            self._log_train_loss()
         return loss
+
+    def _log_train_loss(self) -> None:
+        """Log the window's mean loss (or stop on a non-finite one) and start the next window."""
+        window = self._train_losses
+        if window.count:
+            bad_step = window.first_nonfinite(self.trainer.accumulate_grad_batches)
+            if bad_step is not None:
+                raise NonFiniteLossError(
+                    f"training loss became non-finite at global step {bad_step} (epoch {self.current_epoch}); "
+                    "lower the learning rate, check the data, or try precision=32"
+                )
+            self.log("train/loss", window.mean())
+        window.reset(self.global_step + 1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # The authors clamp the stored alpha in place to [alpha_min, alpha_max] before every use. The
@@ -268,17 +305,13 @@ class ImageClassifier(LightningModule):
         # zero), stops moving the forward, and the layer stays dead. Idempotent between optimizer steps.
         if self.quant_acts:
             clamp_alphas_(self.quant_acts)
-        # Read the device flag only when Lightning syncs for logging anyway (and at epoch end).
-        if self.trainer.log_every_n_steps and (batch_idx + 1) % self.trainer.log_every_n_steps == 0:
-            self._raise_if_nonfinite()
 
     def on_train_epoch_end(self) -> None:
-        self._raise_if_nonfinite()
         if self._train_seen:
             seen = torch.tensor([self._train_seen], device=self._train_hits.device)
-            hits, seen = self.trainer.strategy.reduce(torch.cat([self._train_hits, seen]), reduce_op="sum").split(2)
-            accuracy = hits.double() / seen.double()
-            self.log_dict({"train/acc1": accuracy[0].float(), f"train/acc{self.top_k}": accuracy[1].float()})
+            counts = self.trainer.strategy.reduce(torch.cat([self._train_hits, seen]), reduce_op="sum").double()
+            top1, topk, seen = counts[0], counts[:-1].sum(), counts[-1]
+            self.log_dict({"train/acc1": (top1 / seen).float(), f"train/acc{self.top_k}": (topk / seen).float()})
         self._train_hits.zero_()
         self._train_seen = 0
 
@@ -298,14 +331,6 @@ class ImageClassifier(LightningModule):
         if any(m.update_called for m in metrics.values()):
             self.log_dict(metrics.compute())
         metrics.reset()
-
-    def _raise_if_nonfinite(self) -> None:
-        step = int(self._nonfinite_step)
-        if step >= 0:
-            raise NonFiniteLossError(
-                f"training loss became non-finite at global step {step} (epoch {self.current_epoch}); "
-                "lower the learning rate, check the data, or try precision=32"
-            )
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
         x, y = batch
