@@ -111,7 +111,8 @@ def experiments() -> list[Experiment]:
             "cifar10/resnet20_br_w1a4.yaml",
             {
                 "_comment": "BinaryRelax + BCGD (the authors' 'br'): relaxed weights "
-                "(eta Q(w) + w)/(1 + eta), eta x1.02 twice per epoch until epoch 150, then exact "
+                "(eta Q(w) + w)/(1 + eta), eta x1.02 twice per epoch counted as the authors' code does "
+                "(eta = 1.02^(2e + 1 + [batch >= 196])) until epoch 150, then exact "
                 f"quantization; blending toward them. {start}",
                 "model": model_section("resnet20", 1),
                 "trainer": {
@@ -120,6 +121,7 @@ def experiments() -> list[Experiment]:
                             "class_path": "BinaryRelax",
                             "init_args": {
                                 "eta0": 1.0, "eta_growth": 1.02, "eta_every": None, "switch_epoch": 150,
+                                "eta_counter": "authors",
                             },
                         },
                         bcgd_callback(),

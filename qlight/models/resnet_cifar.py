@@ -1,9 +1,11 @@
-"""CIFAR ResNet-20/32/44/56/110 (He et al. 2016, option-A shortcuts) as in the BCGD authors' code.
+"""CIFAR ResNet-8/20/32/44/56/110 (He et al. 2016, option-A shortcuts) as in the BCGD authors' code.
 
 Layout (BCGD.md §4): stem conv3x3(3->16)-BN-act; three stages of ``n = (depth-2)/6`` basic blocks with
 16/32/64 channels and strides 1/2/2; each block is conv-BN-act-conv-BN, + shortcut, then act; head
 global average pool + Linear(64 -> classes). Option A shortcut: stride-2 subsampling and zero channel
-padding, so the shortcut has no parameters (ResNet-20 has 0.27M parameters).
+padding appended after the input's channels, as the authors' ``DownsampleA`` (``torch.cat((x, x.mul(0)), 1)``),
+so the shortcut has no parameters (ResNet-20 has 0.27M parameters). ``shortcut_pad="symmetric"`` (half the
+zeros before, half after) is qlight's earlier placement; checkpoints saved without the setting use it.
 
 The block's two activations are by default ONE module (``act2 is act1``): the authors share one
 activation resolution alpha per block, and ``qlight.quant.quantize_model`` keeps that sharing when it
@@ -20,31 +22,39 @@ from torch import nn
 
 from qlight.models.registry import register_model
 
+#: where option-A shortcuts put the zero channels: ``after`` the input's (the BCGD authors' ``DownsampleA``:
+#: ``torch.cat((x, x.mul(0)), 1)``) or half before and half after (``symmetric``, qlight before 0.2; checkpoints
+#: without the setting were trained with it)
+SHORTCUT_PADS = ("after", "symmetric")
+
 
 class ShortcutA(nn.Module):
-    """Parameter-free shortcut: subsample by ``stride`` and zero-pad the extra channels."""
+    """Parameter-free shortcut: subsample by ``stride`` and zero-pad the extra channels (``pad``: see above)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, pad: str = "after") -> None:
         super().__init__()
+        if pad not in SHORTCUT_PADS:
+            raise ValueError(f"shortcut_pad={pad!r} is not supported; valid: {list(SHORTCUT_PADS)}")
         self.stride = stride
         self.extra = out_channels - in_channels
+        self.pad = pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride != 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.extra:
-            half = self.extra // 2
-            x = F.pad(x, (0, 0, 0, 0, half, self.extra - half))
+            before = self.extra // 2 if self.pad == "symmetric" else 0
+            x = F.pad(x, (0, 0, 0, 0, before, self.extra - before))
         return x
 
     def extra_repr(self) -> str:
-        return f"stride={self.stride}, pad_channels={self.extra}"
+        return f"stride={self.stride}, pad_channels={self.extra}, pad={self.pad!r}"
 
 
 class BasicBlock(nn.Module):
     """conv-BN-act-conv-BN (+ shortcut) -> act."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, share_act: bool) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, share_act: bool, pad: str = "after") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
@@ -53,7 +63,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.act2 = self.act1 if share_act else nn.ReLU(inplace=True)
         if stride != 1 or in_channels != out_channels:
-            self.shortcut: nn.Module = ShortcutA(in_channels, out_channels, stride)
+            self.shortcut: nn.Module = ShortcutA(in_channels, out_channels, stride, pad)
         else:
             self.shortcut = nn.Identity()
 
@@ -64,9 +74,11 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """CIFAR ResNet of depth ``6n+2`` with option-A shortcuts."""
+    """CIFAR ResNet of depth ``6n+2`` with option-A shortcuts (``shortcut_pad``: :data:`SHORTCUT_PADS`)."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, share_block_act: bool = True) -> None:
+    def __init__(
+        self, depth: int = 20, num_classes: int = 10, share_block_act: bool = True, shortcut_pad: str = "after"
+    ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth={depth} is not a CIFAR ResNet depth; valid: 6n+2, e.g. 20, 32, 44, 56, 110")
@@ -79,7 +91,7 @@ class CifarResNet(nn.Module):
         for out_ch, stride in ((16, 1), (32, 2), (64, 2)):
             blocks = []
             for i in range(n):
-                blocks.append(BasicBlock(in_ch, out_ch, stride if i == 0 else 1, share_block_act))
+                blocks.append(BasicBlock(in_ch, out_ch, stride if i == 0 else 1, share_block_act, shortcut_pad))
                 in_ch = out_ch
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
@@ -110,8 +122,8 @@ def init_like_bcgd(model: nn.Module) -> None:
 
 
 def _make(depth: int):
-    def factory(num_classes: int = 10, share_block_act: bool = True) -> CifarResNet:
-        return CifarResNet(depth, num_classes, share_block_act)
+    def factory(num_classes: int = 10, share_block_act: bool = True, shortcut_pad: str = "after") -> CifarResNet:
+        return CifarResNet(depth, num_classes, share_block_act, shortcut_pad)
 
     factory.__doc__ = f"CIFAR ResNet-{depth} (option-A shortcuts)."
     return factory

@@ -20,6 +20,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from qlight.models import build_model
+from qlight.models.resnet_cifar import ShortcutA
 from qlight.quant import QuantAct, QuantSpec, TensorQuantizer, clamp_alphas_, param_groups, quantize_model
 from qlight.tasks.logging import step_logging_due
 from qlight.tasks.loss_window import LossWindow
@@ -112,6 +113,11 @@ class ImageClassifier(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.model = build_model(model, num_classes=num_classes, **(model_kwargs or {}))
+        # option-A shortcuts: record the placement in the hyper-parameters, so checkpoints say which they use
+        # (checkpoints without it were trained with the earlier symmetric one: see on_load_checkpoint)
+        self._shortcut_pad_explicit = "shortcut_pad" in (model_kwargs or {})
+        if self._shortcuts():
+            self.hparams["model_kwargs"] = {**(model_kwargs or {}), "shortcut_pad": self._shortcuts()[0].pad}
         # LightningCLI stores hparams["quant"] as a plain dict; code reads the spec from here
         self.quant_spec = QuantSpec(**quant) if isinstance(quant, dict) else quant
         if self.quant_spec is not None:
@@ -177,6 +183,16 @@ class ImageClassifier(LightningModule):
             raise FileNotFoundError(f"model.init_from={str(path)!r}: no such checkpoint file")
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+        if isinstance(hparams, dict) and self._shortcuts():
+            pad = (hparams.get("model_kwargs") or {}).get("shortcut_pad", "symmetric")
+            if self._shortcut_pad_explicit and pad != self._shortcuts()[0].pad:
+                raise ValueError(
+                    f"model.init_from={str(path)!r} was trained with shortcut_pad={pad!r}, but "
+                    f"model.model_kwargs.shortcut_pad={self._shortcuts()[0].pad!r}; drop the setting to use the "
+                    "checkpoint's, or initialise from a checkpoint with the same placement"
+                )
+            self._use_shortcut_pad(pad, f"model.init_from={str(path)!r}")
         if not isinstance(state, dict):
             raise TypeError(f"model.init_from={str(path)!r} holds neither a Lightning checkpoint nor a state_dict")
         state = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith(("_", "train_", "val_", "test_"))}
@@ -231,8 +247,29 @@ class ImageClassifier(LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": hp["scheduler_interval"]}}
 
+    def _shortcuts(self) -> list[ShortcutA]:
+        return [m for m in self.model.modules() if isinstance(m, ShortcutA)]
+
+    def _use_shortcut_pad(self, pad: str, source: str) -> None:
+        """Make the network's option-A shortcuts pad as the weights in ``source`` were trained."""
+        shortcuts = self._shortcuts()
+        if not shortcuts or shortcuts[0].pad == pad:
+            return
+        rank_zero_info(f"qlight: {source} was trained with shortcut_pad={pad!r}; the network uses it")
+        for shortcut in shortcuts:
+            shortcut.pad = pad
+        self.hparams["model_kwargs"] = {**(self.hparams.get("model_kwargs") or {}), "shortcut_pad": pad}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Re-lay out optimizer and scheduler state saved with other parameter groups (older qlight, other overrides)."""
+        """Rebuild what the checkpoint was trained with, and fit its optimizer state to today's groups.
+
+        - Option-A shortcut placement: the checkpoint's ``model_kwargs.shortcut_pad``; a checkpoint without it
+          predates the setting and used the symmetric placement, so it evaluates exactly as before.
+        - Optimizer and scheduler state saved with other parameter groups (older qlight, other overrides) is
+          re-laid out (:func:`~qlight.tasks.optim.relayout_checkpoint`).
+        """
+        saved = (checkpoint.get("hyper_parameters") or {}).get("model_kwargs") or {}
+        self._use_shortcut_pad(saved.get("shortcut_pad", "symmetric"), "the checkpoint")
         groups = self._param_groups()
         layout = [tuple(g["name"].split("+")) for g in groups]
         sizes = {name: len(params) for name, params in param_groups(self.model).items()}
