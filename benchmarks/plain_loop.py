@@ -46,7 +46,7 @@ def time_variant(
     model = model.to(memory_format=fmt)
     if MODES[mode] is not None:
         model.compile(mode=MODES[mode] if backend == "inductor" else None, backend=backend)
-    step = PlainStep(name, model, device)
+    step = PlainStep(name, model, device, keep_grads=mode == "cudagraphs")
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)

@@ -151,8 +151,12 @@ def count_plain(variant: str, batch_size: int = 4, steps: int = 7, measured: tup
             marks.append((counter.snapshot(), Counter(counter.views), Counter(counter.syncs)))
             with counter.phase("model"):
                 step.forward_backward(x, y)
+            with counter.phase("callbacks"):
+                step.before_step()
             with counter.phase("optimizer"):
-                step.update()
+                step.step()
+            with counter.phase("callbacks"):
+                step.after_step()
         marks.append((counter.snapshot(), Counter(counter.views), Counter(counter.syncs)))
     records = [_step_record(marks, i) for i in range(measured[0], measured[1] + 1)]
     _check_identical(variant, "plain", records)

@@ -98,9 +98,10 @@ class PlainStep:
     call; the AQE mixing weight is held at 0.5 (its first-epoch value).
     """
 
-    def __init__(self, name: str, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, name: str, model: nn.Module, device: torch.device, keep_grads: bool = False) -> None:
         self.variant = VARIANTS[name]
         self.model = model
+        self.keep_grads = keep_grads  # CUDA graphs replay into the gradient buffers: keep them between steps
         self.optimizer = fast_kernels(optimizer_factory(self.variant.optimizer)(model.parameters()))
         self.layers = [m for _, m in quant_layers(model)]
         self.weights = [m.weight for m in self.layers]
@@ -116,14 +117,26 @@ class PlainStep:
         loss.backward()
         return loss.detach()
 
-    def update(self) -> None:
-        """The method's edits around the optimizer step (the callbacks' and the task's)."""
+    def before_step(self) -> None:
+        """BCGD's blend (what the callback does in ``on_before_optimizer_step``)."""
         if self.variant.method == "bcgd":
             with torch.no_grad():
                 blend_all_(self.weights, [m.training_weight() for m in self.layers], 1e-5)
+
+    def step(self) -> None:
+        """The optimizer step and ``zero_grad``."""
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: CUDA graphs replay into them
+        self.optimizer.zero_grad(set_to_none=not self.keep_grads)
+
+    def after_step(self) -> None:
+        """AQE's latent clip (the callback) and the alpha projection (the task)."""
         if self.variant.method == "aqe":
             clip_weights_(self.weights, 1.0)
         if self.acts:
             clamp_alphas_(self.acts)
+
+    def update(self) -> None:
+        """Everything after the backward: blend, optimizer step, clip and projection."""
+        self.before_step()
+        self.step()
+        self.after_step()
