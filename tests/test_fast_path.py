@@ -223,3 +223,18 @@ def test_throughput_times_warmup_apart_from_steady_epochs() -> None:
     assert [r["steady_steps"] for r in timer.records] == [2.0, 5.0]  # 5 batches per epoch, 3 of warm-up
     assert all(r["images_per_s"] > 0 for r in timer.records)
     assert {"time/warmup_s", "time/epoch_s", "time/images_per_s"} <= set(trainer.callback_metrics)
+
+
+def test_quantized_resnet_forward_is_one_graph_with_kept_blend_targets() -> None:
+    """torch._dynamo.explain: the W1A4 ResNet-20 training forward, with BCGD's kept targets, has no break."""
+    from qlight.models import build_model
+    from qlight.quant import quant_layers, quantize_model
+
+    torch.manual_seed(0)
+    model = quantize_model(build_model("resnet20"), QuantSpec(weight="binary", a_bits=4))
+    for _, layer in quant_layers(model):
+        layer.weight_quantizer.keep_training_value = True
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    torch._dynamo.reset()
