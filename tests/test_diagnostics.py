@@ -329,6 +329,7 @@ def test_csv_columns_from_the_cli(cifar10_folder: Path, tmp_path: Path, monkeypa
         assert name in columns, name
     logged = [r for r in rows if r["diag/quant_error"]]
     assert [int(r["step"]) for r in logged] == [0, 1]  # log_every_n_steps 1, two batches
+    assert {r["epoch"] for r in logged} == {"0"}  # an integer epoch, like Lightning's own rows
     assert all(0 < float(r["diag/quant_error"]) < 1 for r in logged)
     losses = {r["step"] for r in rows if r.get("train/loss")}
     assert {r["step"] for r in logged} <= losses, "diagnostics share their step with train/loss"

@@ -195,8 +195,9 @@ class QuantDiagnostics(Callback):
             )
         if _is_compiled(pl_module):
             rank_zero_warn(
-                "QuantDiagnostics: the network is compiled; forward hooks do not run inside compiled graphs, "
-                "so activation zero/top fractions are not logged (alpha and every weight diagnostic are)"
+                "QuantDiagnostics: the network is compiled; forward hooks added after compilation do not run "
+                "inside its graphs, so activation zero/top fractions are logged only where they ran (alpha and "
+                "every weight diagnostic are always logged)"
             )
             self._warned_unmeasured = True
 
@@ -368,7 +369,7 @@ class QuantDiagnostics(Callback):
         """Hand the values to every logger at the step Lightning writes ``train/loss`` at."""
         self.latest = metrics
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        row = {**metrics, "epoch": float(trainer.current_epoch)}
+        row: dict[str, float] = {**metrics, "epoch": trainer.current_epoch}  # an int, as Lightning writes it
         for logger in trainer.loggers:
             logger.log_metrics(row, step=step)
 
