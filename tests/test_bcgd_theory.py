@@ -95,7 +95,7 @@ def test_blended_descent_is_the_bcgd_update() -> None:
     u0 = _fixed_grid(w0)
     u1 = _fixed_grid((1 - rho) * w0 + rho * u0 - lr * (a @ u0 - b))
     run = blended_descent(_fixed_grid, rho=rho, lr=lr, steps=1, n=5, seed=3)
-    f = lambda u: 0.5 * u @ a @ u - b @ u  # noqa: E731
+    f = lambda u: 0.5 * u @ a @ u - b @ u
     assert torch.allclose(run.losses, torch.stack([f(u0), f(u1)]), rtol=0, atol=1e-12)
     assert int(run.changed[0]) == int((u1 != u0).sum())
 

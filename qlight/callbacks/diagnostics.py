@@ -26,7 +26,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from qlight.quant import QuantAct, QuantConv2d, QuantLinear, TensorQuantizer, act_quant, quant_acts, quant_layers
+from qlight.quant import (
+    QuantAct,
+    QuantConv2d,
+    QuantLinear,
+    TensorQuantizer,
+    act_quant,
+    quant_acts,
+    quant_layers,
+)
 from qlight.tasks.logging import step_logging_due
 
 __all__ = [
