@@ -57,3 +57,22 @@ def test_imagenet_configs_parse_and_build(
     if spec is not None:
         assert spec.first_layer == spec.last_layer == ("float" if name.endswith("_fl.yaml") else "quantized")
     assert any(type(c).__name__ == "BCGD" for c in cli.trainer.callbacks) == ("_bcgd_" in name)
+
+
+def test_quantized_recipes_log_diagnostics_at_a_low_rate() -> None:
+    """Every recipe with quantized weights or quantized ReLUs carries QuantDiagnostics every 200 steps;
+    float recipes (nothing to diagnose) do not."""
+    configs = sorted((ROOT / "configs").glob("*/*.yaml"))
+    with_diag = 0
+    for path in configs:
+        config = yaml.safe_load(path.read_text())
+        if "model" not in config:
+            continue  # fragments
+        callbacks = [c for c in config["trainer"].get("callbacks", []) if c["class_path"] == "QuantDiagnostics"]
+        quant = config["model"]["init_args"].get("quant")
+        expected = quant is not None and (quant.get("weight") != "float" or quant.get("act") == "relu_quant")
+        assert len(callbacks) == int(expected), path
+        if callbacks:
+            assert callbacks[0]["init_args"] == {"every_n_steps": 200}, path
+            with_diag += 1
+    assert with_diag > 100
