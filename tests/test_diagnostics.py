@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
-from opcount import HOST_SYNC, BatchOps, OpCounter
 from test_bcgd import CONF, crash_and_resume, loader, make_task, make_trainer
 from torch import Tensor, nn
 
@@ -25,6 +24,7 @@ from qlight.callbacks import BCGD, QuantDiagnostics
 from qlight.callbacks.diagnostics import _is_compiled, activation_level_counts, changed_levels, level_pattern
 from qlight.cli import main
 from qlight.models import list_models, register_model
+from qlight.opcount import OpCounter
 from qlight.quant import QuantAct, QuantSpec, quant_layers
 from qlight.tasks import ImageClassifier
 
@@ -256,13 +256,26 @@ def test_activation_fractions_are_measured_on_the_training_batch() -> None:
 # cost: nothing on non-logging steps
 
 
-def _count_ops(callbacks: list[Callback]) -> dict[tuple[int, int] | None, Any]:
+class BatchPhase(Callback):
+    """Attribute the ops of each training batch (its hooks up to the next batch's) to ``"epoch/batch"``."""
+
+    def __init__(self, counter: OpCounter) -> None:
+        self.counter = counter
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.counter.stack[0] = f"{trainer.current_epoch}/{batch_idx}"
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.counter.stack[0] = "other"
+
+
+def _count_ops(callbacks: list[Callback]) -> OpCounter:
     counter = OpCounter()
     task = make_task(momentum=0.9, weight_decay=1e-4)
-    trainer = make_trainer([BatchOps(counter), BCGD(rho=0.01), *callbacks], max_epochs=1)
+    trainer = make_trainer([BatchPhase(counter), BCGD(rho=0.01), *callbacks], max_epochs=1)
     with counter:
         trainer.fit(task, loader(10))
-    return counter.counts
+    return counter
 
 
 def test_no_op_and_no_host_sync_on_non_logging_steps() -> None:
@@ -270,15 +283,16 @@ def test_no_op_and_no_host_sync_on_non_logging_steps() -> None:
     extra ops and zero extra host syncs), more ops on the logging steps (the counter sees the callback)."""
     diag = Recorder(every_n_steps=4)
     plain, with_diag = _count_ops([]), _count_ops([diag])
-    logged = {(0, 3), (0, 7), (0, 9)}  # every 4 optimizer steps, and the epoch's last batch
+    logged = {"0/3", "0/7", "0/9"}  # every 4 optimizer steps, and the epoch's last batch
     assert [s for s, _ in diag.history] == [4, 8, 10]
-    batches = {k for k in plain if k is not None}
-    assert batches == {(0, i) for i in range(10)}
+    batches = {k for k in plain.ops if k != "other"}
+    assert batches == {f"0/{i}" for i in range(10)}
     for batch in sorted(batches - logged):
-        extra = with_diag[batch] - plain[batch]
-        assert not extra and with_diag[batch][HOST_SYNC] == plain[batch][HOST_SYNC], (batch, extra)
+        extra = with_diag.ops[batch] - plain.ops[batch]
+        assert not extra and with_diag.views[batch] == plain.views[batch], (batch, extra)
+        assert with_diag.syncs[batch] == plain.syncs[batch], batch
     for batch in logged:
-        extra = sum(with_diag[batch].values()) - sum(plain[batch].values())
+        extra = with_diag.total(batch) - plain.total(batch)
         assert extra > 20, (batch, extra)
 
 
