@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import qlight.callbacks.aqe as aqe_module
+import qlight.callbacks.clip as clip_module
 from qlight.callbacks import AQE, EDE, LatentWeightClip
 from qlight.callbacks.schedules import Schedule
 from qlight.cli import main
@@ -281,13 +281,13 @@ def test_latent_weights_stay_in_the_box(tmp_path: Path) -> None:
 
 def test_clips_once_per_optimizer_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    original = aqe_module.clip_weights_
+    original = clip_module.clip_weights_
 
     def counting(weights: Any, bound: float = 1.0) -> None:
         calls.append(len(weights))
         original(weights, bound)
 
-    monkeypatch.setattr(aqe_module, "clip_weights_", counting)
+    monkeypatch.setattr(clip_module, "clip_weights_", counting)
     tr = trainer(tmp_path, [AQE()], max_epochs=2, limit_train_batches=4, accumulate_grad_batches=2)
     tr.fit(tiny_module(), loader())
     assert tr.global_step == 4

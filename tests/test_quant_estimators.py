@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from qlight.quant import (
-    AQE,
-    EDE,
     ESTIMATORS,
     STE,
+    AQEEstimator,
     ClippedSTE,
+    EDEEstimator,
     Estimator,
     TensorQuantizer,
     alpha_grad_factor,
@@ -37,13 +37,13 @@ X = torch.tensor([-2.0, -1.0, -0.3, 0.0, 0.4, 1.0, 1.5])
 # ---------------------------------------------------------------------------------------------- registry
 def test_registry_and_errors():
     assert {"ste", "clipped_ste", "aqe", "ede"} <= set(ESTIMATORS)
-    assert get_estimator("aqe") is AQE
+    assert get_estimator("aqe") is AQEEstimator
     with pytest.raises(ValueError, match=r"estimator='lsq' is not registered; valid: \['aqe', 'clipped_ste', 'ede', 'ste'"):
         get_estimator("lsq")
     with pytest.raises(ValueError, match=r"bad estimator_kwargs for estimator='ste'"):
         build_estimator("ste", clip=2.0)
     with pytest.raises(ValueError, match=r"backward_rule='eq19' is not supported; valid: \['eq18', 'alg1', 'autograd'\]"):
-        AQE("eq19")
+        AQEEstimator("eq19")
     with pytest.raises(ValueError, match="already registered"):
         register_estimator("ste")(ClippedSTE)
 
@@ -91,12 +91,12 @@ def test_aqe_forward_exact_at_mix_one_and_mixture():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1000, generator=g)
     h = sign_quant(x)
-    y, _ = run(AQE(), x, h, 1.0)
+    y, _ = run(AQEEstimator(), x, h, 1.0)
     assert torch.equal(y, h)
     for a in (0.5, 0.8):
-        y, _ = run(AQE(), x, h, a)
+        y, _ = run(AQEEstimator(), x, h, a)
         torch.testing.assert_close(y, a * h + (1 - a) * x)
-        # the gap (−α, α) of |x̂| is empty when the latent values are in [−1, 1] (AQE.md §1.4)
+        # the gap (−α, α) of |x̂| is empty when the latent values are in [−1, 1] (AQEEstimator.md §1.4)
         inside = x.abs() <= 1
         assert y[inside].abs().min() >= a - 1e-6
 
@@ -105,11 +105,11 @@ def test_aqe_forward_exact_at_mix_one_and_mixture():
 def test_aqe_backward_rules(mix):
     g = torch.arange(1.0, 8.0)
     inside = torch.tensor([0.0, 1, 1, 1, 1, 1, 0])
-    _, gx = run(AQE(), X, sign_quant(X), mix, g)
+    _, gx = run(AQEEstimator(), X, sign_quant(X), mix, g)
     torch.testing.assert_close(gx, 2 * mix * g * inside, rtol=0, atol=0)  # Eq. 18/19
-    _, gx = run(AQE("alg1"), X, sign_quant(X), mix, g)
+    _, gx = run(AQEEstimator("alg1"), X, sign_quant(X), mix, g)
     assert torch.equal(gx, g * inside)  # Algorithm 1
-    _, gx = run(AQE("autograd"), X, sign_quant(X), mix, g)
+    _, gx = run(AQEEstimator("autograd"), X, sign_quant(X), mix, g)
     x = X.clone().requires_grad_(True)
     (mix * sign_quant(x).detach() + (1 - mix) * x).backward(g)  # true autograd through the mixture
     torch.testing.assert_close(gx, x.grad)
@@ -117,18 +117,18 @@ def test_aqe_backward_rules(mix):
 
 
 def test_aqe_rules_at_half():
-    """eq18 and alg1 coincide at α = 1/2; plain autograd is half of them there (AQE.md §6 #2 says all three
+    """eq18 and alg1 coincide at α = 1/2; plain autograd is half of them there (AQEEstimator.md §6 #2 says all three
     agree, which does not hold for (1 − α)·g)."""
     g = torch.randn(7)
     x = X.clamp(-1, 1)
-    eq18, alg1, auto = (run(AQE(r), x, sign_quant(x), 0.5, g)[1] for r in AQE.RULES)
+    eq18, alg1, auto = (run(AQEEstimator(r), x, sign_quant(x), 0.5, g)[1] for r in AQEEstimator.RULES)
     torch.testing.assert_close(eq18, alg1)
     torch.testing.assert_close(auto, 0.5 * alg1)
 
 
 # ---------------------------------------------------------------------------------------------- EDE
 def test_ede_gradient_and_buffers():
-    est = EDE(t=0.1)
+    est = EDEEstimator(t=0.1)
     assert est.k.item() == pytest.approx(10.0)  # k = max(1/t, 1)
     g = torch.arange(1.0, 8.0)
     for t in (0.1, 1.0, 3.0):
@@ -142,7 +142,7 @@ def test_ede_gradient_and_buffers():
     sd = est.state_dict()
     assert set(sd) == {"t", "k"} and sd["t"].dim() == 0
     est.t.fill_(2.0)  # a callback may also fill_ the buffers directly
-    assert EDE(t=5.0, k=3.0).k.item() == 3.0
+    assert EDEEstimator(t=5.0, k=3.0).k.item() == 3.0
 
 
 # ---------------------------------------------------------------------------------------------- quant ReLU

@@ -119,6 +119,8 @@ class BCGD(Callback):
         self._weight_keys: list[tuple[int, int]] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":  # only training blends or relaxes
+            return
         self._layers = weight_quantized_layers(pl_module, "BCGD")
         self._weights = [layer.weight for layer in self._layers]
         for layer in self._layers:  # the blend targets the exact tensor each training forward used

@@ -130,6 +130,8 @@ class BinaryRelax(Callback):
         self._quantizers: list[TensorQuantizer] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":  # only training blends or relaxes
+            return
         self._quantizers = [m.weight_quantizer for m in weight_quantized_layers(pl_module, "BinaryRelax")]
 
     def _steps_per_epoch(self, trainer: Trainer, need: str) -> int:

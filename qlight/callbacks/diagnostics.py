@@ -162,6 +162,8 @@ class QuantDiagnostics(Callback):
 
     # ------------------------------------------------------------------ set-up and state
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":  # diagnostics describe training
+            return
         layers, acts = quant_layers(pl_module), quant_acts(pl_module)
         if not layers and not acts:
             raise ValueError(

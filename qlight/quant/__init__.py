@@ -14,12 +14,12 @@ Modules: :mod:`~qlight.quant.functional` (hard quantizers, closed forms), :mod:`
 
 from .estimators import (
     ALPHA_RULES,
-    AQE,
-    EDE,
     ESTIMATORS,
     STE,
     X_RULES,
+    AQEEstimator,
     ClippedSTE,
+    EDEEstimator,
     Estimator,
     alpha_grad_factor,
     build_estimator,
@@ -68,14 +68,14 @@ from .policy import (
 
 __all__ = [
     "ALPHA_RULES",
-    "AQE",
     "BIT_ALPHA",
-    "EDE",
     "ESTIMATORS",
     "QUANTIZERS",
     "STE",
     "X_RULES",
+    "AQEEstimator",
     "ClippedSTE",
+    "EDEEstimator",
     "Estimator",
     "QuantAct",
     "QuantConv2d",

@@ -33,12 +33,12 @@ from .quant_relu import ALPHA_RULES, X_RULES, alpha_grad_factor, quant_relu, x_g
 
 __all__ = [
     "ALPHA_RULES",
-    "AQE",
-    "EDE",
     "ESTIMATORS",
     "STE",
     "X_RULES",
+    "AQEEstimator",
     "ClippedSTE",
+    "EDEEstimator",
     "Estimator",
     "alpha_grad_factor",
     "build_estimator",
@@ -193,7 +193,7 @@ class ClippedSTE(Estimator):
 
 
 @register_estimator("aqe")
-class AQE(Estimator):
+class AQEEstimator(Estimator):
     """Asymptotic-quantized estimator (AQE, Chen et al. 2020, Eqs. 6, 18, 19).
 
     Forward ``x̂ = α·h(x) + (1−α)·x`` with ``α = mix`` (exactly h(x) at α = 1). Backward, by ``backward_rule``:
@@ -228,7 +228,7 @@ class AQE(Estimator):
 
 
 @register_estimator("ede")
-class EDE(Estimator):
+class EDEEstimator(Estimator):
     """Error-decay estimator of IR-Net (Qin et al. 2020; ``AQE.md`` §5).
 
     Forward ``y = mix·x_q + (1−mix)·x`` (hard ``x_q`` at the default mix = 1); backward through
