@@ -39,9 +39,12 @@ def test_resnet20_structure_matches_bcgd_code() -> None:
 
 
 def test_option_a_shortcut_subsamples_and_zero_pads() -> None:
+    """Zeros after the input's channels by default (the authors' DownsampleA); symmetric as an option."""
     x = torch.randn(2, 16, 8, 8)
     y = ShortcutA(16, 32, stride=2)(x)
     assert y.shape == (2, 32, 4, 4)
+    assert torch.equal(y[:, :16], x[:, :, ::2, ::2]) and y[:, 16:].abs().sum() == 0
+    y = ShortcutA(16, 32, stride=2, pad="symmetric")(x)
     assert torch.equal(y[:, 8:24], x[:, :, ::2, ::2])
     assert y[:, :8].abs().sum() == 0 and y[:, 24:].abs().sum() == 0
 

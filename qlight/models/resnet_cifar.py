@@ -121,13 +121,37 @@ def init_like_bcgd(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _make(depth: int):
-    def factory(num_classes: int = 10, share_block_act: bool = True, shortcut_pad: str = "after") -> CifarResNet:
-        return CifarResNet(depth, num_classes, share_block_act, shortcut_pad)
-
-    factory.__doc__ = f"CIFAR ResNet-{depth} (option-A shortcuts)."
-    return factory
+@register_model("resnet8")
+def resnet8(num_classes: int = 10, share_block_act: bool = True, shortcut_pad: str = "after") -> CifarResNet:
+    """CIFAR ResNet-8 (one block per stage; a small stand-in for smoke tests and benchmarks)."""
+    return CifarResNet(8, num_classes, share_block_act, shortcut_pad)
 
 
-for _depth in (8, 20, 32, 44, 56, 110):
-    register_model(f"resnet{_depth}")(_make(_depth))
+@register_model("resnet20")
+def resnet20(num_classes: int = 10, share_block_act: bool = True, shortcut_pad: str = "after") -> CifarResNet:
+    """CIFAR ResNet-20 (0.27M parameters), the BCGD recipes' network."""
+    return CifarResNet(20, num_classes, share_block_act, shortcut_pad)
+
+
+@register_model("resnet32")
+def resnet32(num_classes: int = 10, share_block_act: bool = True, shortcut_pad: str = "after") -> CifarResNet:
+    """CIFAR ResNet-32."""
+    return CifarResNet(32, num_classes, share_block_act, shortcut_pad)
+
+
+@register_model("resnet44")
+def resnet44(num_classes: int = 10, share_block_act: bool = True, shortcut_pad: str = "after") -> CifarResNet:
+    """CIFAR ResNet-44."""
+    return CifarResNet(44, num_classes, share_block_act, shortcut_pad)
+
+
+@register_model("resnet56")
+def resnet56(num_classes: int = 10, share_block_act: bool = True, shortcut_pad: str = "after") -> CifarResNet:
+    """CIFAR ResNet-56."""
+    return CifarResNet(56, num_classes, share_block_act, shortcut_pad)
+
+
+@register_model("resnet110")
+def resnet110(num_classes: int = 10, share_block_act: bool = True, shortcut_pad: str = "after") -> CifarResNet:
+    """CIFAR ResNet-110."""
+    return CifarResNet(110, num_classes, share_block_act, shortcut_pad)
