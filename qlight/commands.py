@@ -6,12 +6,20 @@ Each is an argparse program; bad input (a ValueError: a path, a key, a value) is
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
-__all__ = ["SUBCOMMANDS", "run_subcommand"]
+__all__ = ["SUBCOMMANDS", "ArgumentParser", "run_subcommand"]
 
 SUBCOMMANDS = ("report", "grid")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``qlight: error:`` line (a ValueError), not usage text and exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(message)
 
 
 def run_subcommand(name: str, argv: Sequence[str]) -> int:

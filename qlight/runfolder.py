@@ -178,7 +178,13 @@ class RunFolder:
         progress = f"{self.completed_epochs}/{max_epochs if max_epochs is not None else '?'} epochs"
         if self.complete:
             return RunState("finished", progress)
-        return record_state(self.grid_record, progress)
+        return record_state(self.grid_record, progress, self.last_activity)
+
+    @property
+    def last_activity(self) -> float | None:
+        """When the run last wrote its metrics (seconds since the epoch)."""
+        metrics = self.path / "metrics.csv"
+        return metrics.stat().st_mtime if metrics.is_file() else None
 
     @property
     def wall_seconds(self) -> float | None:
@@ -228,17 +234,30 @@ def exit_reason(returncode: int | None) -> str:
     return f"exit {returncode}"
 
 
-def record_state(record: dict[str, Any] | None, progress: str) -> RunState:
-    """State of an incomplete run from the grid's record of it (None: no record)."""
+#: a run started on another host counts as running while its files changed this recently
+ACTIVE_SECONDS = 600
+
+
+def record_state(record: dict[str, Any] | None, progress: str, last_activity: float | None = None) -> RunState:
+    """State of an incomplete run from the grid's record of it (None: no record).
+
+    ``last_activity``: when the run last wrote a file (its metrics); it tells a run that is alive on another
+    host (shared file system, SLURM) from one that stopped there.
+    """
     if record is None:
         return RunState("unfinished", f"{progress}; no grid record")
     status = record.get("status")
     if status == "running":
-        pid, host = record.get("pid"), record.get("host")
+        pid, host, job = record.get("pid"), record.get("host"), record.get("slurm_job")
         if host != socket.gethostname():
-            return RunState("unfinished", f"{progress}; last started on {host}, state unknown here")
+            idle = None if last_activity is None else time.time() - last_activity
+            if idle is not None and idle < ACTIVE_SECONDS:
+                return RunState("running", f"{progress}; on {host}, wrote metrics {idle:.0f} s ago")
+            return RunState("unfinished", f"{progress}; last started on {host}" + (f" (SLURM job {job})" if job else ""))
         if isinstance(pid, int) and _process_alive(pid):
             return RunState("running", f"{progress}; pid {pid}")
+        if job:  # a SLURM task replaced by qlight fit: preempted and requeued, or ended without a record
+            return RunState("unfinished", f"{progress}; SLURM job {job} is not running here (see squeue)")
         return RunState("crashed", f"{progress}; the process ended without an exit record")
     if status == "blocked":
         return RunState("blocked", f"not started: {record.get('error', 'a run it depends on did not finish')}")

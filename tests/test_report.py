@@ -193,3 +193,13 @@ def test_collect_reads_a_shipped_aqe_config_with_its_paper_number(tmp_path: Path
     (cell,) = collect([folder]).cells
     assert cell.reference is not None and cell.reference.source == "AQE Table I, row 1/1"
     assert cell.reference.top1 == pytest.approx(84.4) and cell.delta("best") == pytest.approx(50.0 - 84.4)
+
+
+def test_a_run_on_another_host_counts_as_running_while_it_writes(tmp_path: Path) -> None:
+    folder = _run(tmp_path, "remote", _config(seed=0), [0.5])
+    write_grid_record(tmp_path / "remote", {"run_id": "remote", "status": "running", "pid": 1, "host": "node-17",
+                                            "slurm_job": "42"})
+    assert RunFolder.load(folder).state().state == "running"
+    os.utime(folder / "metrics.csv", (1, 1))
+    state = RunFolder.load(folder).state()
+    assert state.state == "unfinished" and "last started on node-17 (SLURM job 42)" in state.detail

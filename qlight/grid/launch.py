@@ -68,9 +68,9 @@ def _state(spec: RunSpec, resolved: ResolvedRun) -> Planned:
         return Planned(spec, resolved, "finished", str(run.state()), folder)
     record = read_grid_record(LOGS / spec.name)
     if record is not None and record.get("status") == "running":
-        state = record_state(record, "")
-        if state.state == "running":
-            return Planned(spec, resolved, "running", f"pid {record.get('pid')} (another qlight grid)", folder)
+        state = record_state(record, "", run.last_activity if run is not None else None)
+        if state.state == "running":  # another qlight grid (or a SLURM task) trains it now
+            return Planned(spec, resolved, "running", state.detail.removeprefix("; "), folder)
     if run is not None:
         return Planned(spec, resolved, "resume", f"{run.completed_epochs}/{run.target()[0]} epochs", folder)
     return Planned(spec, resolved, "new", "", None)
@@ -133,10 +133,16 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
+@dataclass
 class _Active:
-    def __init__(self, planned: Planned, proc: subprocess.Popen, log: IO[bytes], offset: int, gpu: str | None,
-                 started: float) -> None:
-        self.planned, self.proc, self.log, self.offset, self.gpu, self.started = planned, proc, log, offset, gpu, started
+    """A launched run: its process, its open output log (and where this attempt's output starts)."""
+
+    planned: Planned
+    proc: subprocess.Popen
+    log: IO[bytes]
+    offset: int
+    gpu: str | None
+    started: float
 
 
 class LocalGrid:

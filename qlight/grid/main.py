@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from qlight.commands import ArgumentParser
 from qlight.grid.check import resolve_runs
 from qlight.grid.launch import LocalGrid, Planned, exec_run, plan
 from qlight.grid.protocol import GridError, expand, load_protocol, parse_overrides
@@ -18,13 +19,8 @@ from qlight.grid.protocol import GridError, expand, load_protocol, parse_overrid
 __all__ = ["main"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, like every qlight error
-        raise GridError(message)
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="qlight grid",
         description="Expand protocols (configs/protocols/*.yaml) or experiment configs x seeds x --set "
         "overrides into runs with fixed names (QLIGHT_RUN_ID), and train them: finished runs are skipped, "

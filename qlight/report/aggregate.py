@@ -83,6 +83,11 @@ class RunResult:
     config: dict[str, Any] = field(default_factory=dict, repr=False)
     variant: str = ""
     excluded: str = ""  # why a finished run is not averaged (a duplicate seed)
+    cell_hint: str = ""  # the cell a grid meant, for a run that never wrote a config
+
+    @property
+    def cell(self) -> str:
+        return str(self.key) if self.key is not None else (self.cell_hint or "?")
 
     def value(self, mode: str) -> float | None:
         return self.best if mode == "best" else self.final
@@ -258,7 +263,7 @@ def collect(folders: list[Path], metric: str = "val/acc1", grid_paths: list[Path
         if run_id in seen_ids:
             continue
         state = record_state(record, "no metrics")
-        orphans.append(RunResult(None, run_id, None, record.get("seed"), state, variant=record.get("cell", "")))
+        orphans.append(RunResult(None, run_id, None, record.get("seed"), state, cell_hint=record.get("cell", "")))
 
     by_key: dict[CellKey, list[RunResult]] = defaultdict(list)
     for run in runs:

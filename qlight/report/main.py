@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from qlight.commands import ArgumentParser
 from qlight.report.aggregate import collect
 from qlight.runfolder import RunFolder, find_run_folders
 
@@ -16,13 +17,8 @@ class ReportError(ValueError):
     """Bad input to ``qlight report`` (a path, a metric), in one line."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, like every qlight error
-        raise ReportError(message)
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="qlight report",
         description="Group qlight runs into table cells by (dataset, arch, method, bits) from their saved "
         "config, aggregate the seeds (mean ± std of each run's best or final accuracy) and print them beside "

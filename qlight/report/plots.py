@@ -30,7 +30,8 @@ def _integer_locator():
 
 def _label(cell: Cell) -> str:
     label = cell.key.method if cell.key.bits == cell.key.method else f"{cell.key.method} {cell.key.bits}"
-    return f"{label} [{cell.variant}]" if cell.variant else label
+    variant = cell.variant if len(cell.variant) <= 50 else cell.variant[:47] + "..."
+    return f"{label} [{variant}]" if variant else label
 
 
 def _band(series: list[dict[int, float]], scale: float = 1.0) -> tuple[list[int], list[float], list[float], list[float]]:

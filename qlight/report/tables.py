@@ -73,7 +73,7 @@ def _run_record(run: RunResult, mode: str) -> dict[str, Any]:
     return {
         "run_id": run.run_id,
         "folder": str(run.folder) if run.folder else None,
-        "cell": str(run.key) if run.key else None,
+        "cell": run.cell,
         "variant": run.variant,
         "seed": run.seed,
         "state": run.state.state,
@@ -119,7 +119,7 @@ def markdown(report: Report, mode: str) -> str:
     if left_out:
         out += "\nRuns not in the averages:\n\n| run | cell | seed | state | best so far | detail |\n|---|---|---|---|---|---|\n"
         for run in left_out:
-            cell = str(run.key) if run.key else (run.variant or "?")
+            cell = run.cell
             best = "" if run.best is None else f"{100 * run.best:.2f} (epoch {run.best_epoch})"
             state = "duplicate seed" if run.excluded else run.state.state
             detail = run.excluded or run.state.detail
