@@ -15,6 +15,8 @@ import io
 import json
 import os
 import statistics
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,3 +210,30 @@ def test_crashed_run_is_reported_as_crashed(story: GridStory) -> None:
     bcgd = next(c for c in story.crashed_report["cells"] if c["method"] == "bcgd")
     assert bcgd["n"] == 1 and bcgd["left_out"] == "1 crashed"  # never averaged in
     assert "| crashed |" in story.crashed_md
+
+
+def test_a_slurm_task_replaces_itself_by_qlight_fit(cifar10_pickle: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """What each array task of ``--slurm`` runs: ``qlight grid ... --run NAME`` inside a SLURM job execs
+    ``qlight fit`` for that run (so SIGUSR1 reaches Lightning), and does nothing once the run has finished."""
+    from qlight.grid.protocol import parse_overrides
+    from qlight.runfolder import RunFolder, find_run_folder, read_grid_record
+
+    monkeypatch.chdir(tmp_path)
+    config = str(TESTS / "conf" / "cifar10_float_tiny.yaml")
+    sets = [f"data.root={cifar10_pickle}", "trainer.limit_train_batches=2"]
+    (run,) = expand([load_protocol(config)], overrides=parse_overrides(sets))
+    argv = [config, *(a for s in sets for a in ("--set", s)), "--run", run.name]
+    env = {**os.environ, "SLURM_JOB_ID": "777", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    out = subprocess.run([sys.executable, "-m", "qlight", "grid", *argv], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"qlight grid: exec QLIGHT_RUN_ID={run.name}" in out.stdout
+    assert "`Trainer.fit` stopped: `max_epochs=1` reached." in out.stderr  # printed by the exec'd qlight fit
+    record = read_grid_record(tmp_path / "logs" / run.name)
+    assert record["slurm_job"] == "777" and record["status"] == "running"
+    assert RunFolder.load(find_run_folder(run.name)).complete
+
+    monkeypatch.setenv("SLURM_JOB_ID", "778")  # the same task again (e.g. requeued after it ended)
+    code, printed = _call(grid_main, argv)
+    assert code == 0 and f"{run.name} has finished" in printed

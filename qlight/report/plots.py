@@ -58,19 +58,36 @@ def _by_model(report: Report) -> dict[tuple[str, str], list[Cell]]:
     return groups
 
 
+def _draw(ax, series: list[dict[int, float]], label: str, scale: float = 1.0) -> tuple[str | None, list[float]]:
+    """Mean line and min–max band of ``series`` (error bars for a single epoch); returns (colour, values)."""
+    epochs, mean, low, high = _band(series, scale)
+    if not epochs:
+        return None, []
+    (line,) = ax.plot(epochs, mean, marker="o" if len(epochs) <= 20 else None, label=label)
+    if len(epochs) == 1:
+        ax.errorbar(epochs, mean, yerr=[[mean[0] - low[0]], [high[0] - mean[0]]], color=line.get_color(), capsize=4)
+    else:
+        ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    return line.get_color(), low + high
+
+
+def _epoch_axis(ax, cells: list[Cell]) -> None:
+    """Whole epochs on the x axis, with room around a single one."""
+    epochs = [e for c in cells for r in c.used for e in (*r.curve, *(e for k in r.knobs.values() for e in k))]
+    ax.xaxis.set_major_locator(_integer_locator())
+    if epochs and max(epochs) - min(epochs) < 2:
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax.set_xticks(range(min(epochs), max(epochs) + 1))
+
+
 def _accuracy_plot(plt, cells: list[Cell], metric: str, title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for cell in cells:
-        epochs, mean, low, high = _band([r.curve for r in cell.used], scale=100.0)
-        if not epochs:
-            continue
-        n = len(cell.used)
-        (line,) = ax.plot(epochs, mean, marker="o" if len(epochs) <= 20 else None, label=f"{_label(cell)} (n={n})")
-        ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-        if cell.reference is not None:
-            ax.axhline(cell.reference.top1, color=line.get_color(), linestyle="--", linewidth=1)
+        color, _ = _draw(ax, [r.curve for r in cell.used], f"{_label(cell)} (n={len(cell.used)})", scale=100.0)
+        if color is not None and cell.reference is not None:
+            ax.axhline(cell.reference.top1, color=color, linestyle="--", linewidth=1)
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(_integer_locator())
+    _epoch_axis(ax, cells)
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(f"{title}: mean of seeds, min–max band; dashed: paper")
     ax.grid(alpha=0.3)
@@ -85,13 +102,7 @@ def _knob_plot(plt, cells: list[Cell], knobs: list[str], title: str, path: Path)
     for ax, knob in zip(axes[:, 0], knobs, strict=True):
         values: list[float] = []
         for cell in cells:
-            series = [r.knobs[knob] for r in cell.used if knob in r.knobs]
-            epochs, mean, low, high = _band(series)
-            if not epochs:
-                continue
-            (line,) = ax.plot(epochs, mean, marker="o" if len(epochs) <= 20 else None, label=_label(cell))
-            ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-            values += low + high
+            values += _draw(ax, [r.knobs[knob] for r in cell.used if knob in r.knobs], _label(cell))[1]
         positive = [v for v in values if v > 0]
         if positive and len(positive) == len(values) and max(positive) / min(positive) > 100:
             ax.set_yscale("log")  # geometric schedules (BinaryRelax eta) span orders of magnitude
@@ -100,7 +111,7 @@ def _knob_plot(plt, cells: list[Cell], knobs: list[str], title: str, path: Path)
         ax.legend(fontsize="small")
     axes[-1, 0].set_xlabel("epoch")
     for ax in axes[:, 0]:
-        ax.xaxis.set_major_locator(_integer_locator())
+        _epoch_axis(ax, cells)
     axes[0, 0].set_title(f"{title}: method knobs (mean of seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
