@@ -212,6 +212,7 @@ def test_crashed_run_is_reported_as_crashed(story: GridStory) -> None:
     assert "| crashed |" in story.crashed_md
 
 
+@pytest.mark.slow  # two more process start-ups (~20 s); the local path is covered above
 def test_a_slurm_task_replaces_itself_by_qlight_fit(cifar10_pickle: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """What each array task of ``--slurm`` runs: ``qlight grid ... --run NAME`` inside a SLURM job execs

@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
                    help="CUDA devices, one per run, assigned round-robin (least loaded first)")
     p.add_argument("--dry-run", action="store_true", help="list the runs, their state and commands; run nothing")
     p.add_argument("--slurm", nargs="?", const="logs/grid", default=None, metavar="DIR",
-                   help="write SLURM array script(s) into DIR (default logs/grid) instead of running; never submits")
+                   help="write SLURM array script(s) into DIR (default logs/grid) instead of running; never submits "
+                   "(--parallel K becomes the arrays' %%K limit)")
     p.add_argument("--run", dest="only", action="append", default=None, metavar="NAME",
                    help="run only this run of the grid (repeatable); inside a SLURM job it replaces itself by "
                    "qlight fit (used by the --slurm scripts)")
@@ -106,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown = [n for n in args.only if n not in names]
         if unknown:
             raise GridError(f"--run {unknown[0]!r} is not a run of this grid; runs: {sorted(names)}")
+        parents = {r.parent for r in runs if r.name in args.only and r.parent}
+        runs = [r for r in runs if r.name in args.only or r.name in parents]  # check and plan only these
     resolved = resolve_runs(runs)
     planned = plan(runs, resolved)
     parallel = args.parallel or max((p.parallel or 0 for p in protocols), default=0) or len(gpus) or 1
