@@ -78,6 +78,13 @@ class QlightCLI(LightningCLI):
         if tag and config is not None and config.get("trainer") and not config["trainer"].get("default_root_dir"):
             config["trainer"]["default_root_dir"] = os.path.join("logs", tag)
 
+    def _parse_ckpt_path(self) -> None:
+        """``fit --ckpt_path``: keep the config's model. Lightning re-parses the checkpoint's hyper-parameters
+        into it, and qlight's omit the optimizer and LR scheduler (callables), which a resumed run would
+        then silently replace by the defaults (SGD 0.1, no schedule). validate/test still rebuild from them."""
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -154,6 +161,10 @@ def console_main() -> None:
 
     ``qlight export --ckpt_path C`` writes the truly quantized model of a checkpoint (:mod:`qlight.export`).
     """
+    if sys.argv[1:2] in (["report"], ["grid"]):  # qlight report / qlight grid (qlight.commands)
+        from qlight.commands import run_subcommand
+
+        raise SystemExit(run_subcommand(sys.argv[1], sys.argv[2:]))
     if sys.argv[1:2] == ["export"]:
         from qlight.export import main as export_main
 
@@ -177,7 +188,8 @@ def _build_cli(args: ArgsType, run: bool) -> QlightCLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "version": f"qlight {qlight.__version__}",
-            "epilog": "Also: qlight export --ckpt_path CKPT [--output FILE] writes the truly quantized network.",
+            "epilog": "Also: qlight export --ckpt_path CKPT [--output FILE] writes the truly quantized network; "
+            "qlight grid PROTOCOL runs a table's cells with seeds; qlight report [logs/] tabulates them.",
         },
         args=args,
         run=run,

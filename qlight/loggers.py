@@ -166,6 +166,11 @@ class CSVLogger(_CSVLogger):
         if self._auto_name and self._experiment is None:
             self._name = f"{info.group}/{info.name}"
 
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        """Write the buffered rows with every checkpoint (Lightning flushes only every 100 steps), so a run
+        killed later and resumed from that checkpoint keeps every metric logged before it."""
+        self.save()
+
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:

@@ -19,8 +19,9 @@ ARCHS = ("convnet_a", "convnet_b", "convnet_c", "convnet_d")
 #: (M-bit inputs, N-bit weights) rows of Tables I and II; 16 = float, 32/32 = no quantization layers
 CELLS = tuple((m, n) for m in (1, 2, 3, 16) for n in (1, 2, 3, 16) if (m, n) != (16, 16))
 FLOAT_CELL = (32, 32)
-#: rows trained with STE as well: Table II's shaded "1/1 STE" row and the Fig. 5 curves
-STE_CELLS = ((1, 1),)
+#: rows trained with STE as well: Table II's shaded "1/1 STE" row and the Fig. 5 curves, and 3/3 (the
+#: best low-bit cell of Table I) as the STE baseline of configs/protocols/aqe_table1.yaml
+STE_CELLS = ((1, 1), (3, 3))
 EPOCHS = 200
 LR, LR_END = 0.01, 1e-4
 #: per-epoch factor of ExponentialLR: LR -> LR_END over EPOCHS epochs (the paper gives no rate)

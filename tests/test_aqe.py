@@ -427,9 +427,10 @@ def test_config_table_covers_tables_one_and_two() -> None:
                 assert init["optimizer"]["class_path"] == "torch.optim.Adam"
                 lr = init["optimizer"]["init_args"]["lr"] * init["lr_scheduler"]["init_args"]["gamma"] ** 200
                 assert lr == pytest.approx(1e-4, rel=1e-4)
-            ste = table.pop(f"{dataset}/{arch}_ste_w1a1.yaml")
-            assert ste["model"]["init_args"]["quant"] == minw_quant(1, 1, "clipped_ste")
-            assert [cb["class_path"] for cb in ste["trainer"]["callbacks"]] == ["LatentWeightClip"]
+            for bits in (1, 3):  # Table II's 1/1 STE row; 3/3 for configs/protocols/aqe_table1.yaml
+                ste = table.pop(f"{dataset}/{arch}_ste_w{bits}a{bits}.yaml")
+                assert ste["model"]["init_args"]["quant"] == minw_quant(bits, bits, "clipped_ste")
+                assert [cb["class_path"] for cb in ste["trainer"]["callbacks"]] == ["LatentWeightClip"]
             assert "quant" not in table.pop(f"{dataset}/{arch}_float.yaml")["model"]["init_args"]
     assert not table
 
