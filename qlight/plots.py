@@ -1,6 +1,6 @@
 """Read a run's ``metrics.csv`` and draw the :class:`~qlight.callbacks.QuantDiagnostics` curves of several runs.
 
-Needs matplotlib (``pip install "qlight[plots]"``; the ``dev`` extra includes it)::
+Draws with matplotlib (a qlight dependency)::
 
     from qlight.plots import diagnostics_figure
     diagnostics_figure({"BCGD": "logs/.../version_0", "BinaryConnect": "logs/.../version_0"})
@@ -87,10 +87,7 @@ def diagnostics_figure(
     A run that did not log a quantity (e.g. a float run) is left out of that panel; a quantity no run
     logged raises ``ValueError`` naming the quantities that were logged.
     """
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError('qlight.plots needs matplotlib: pip install "qlight[plots]"') from err
+    import matplotlib.pyplot as plt
     metrics = {label: read_metrics(path) for label, path in runs.items()}
     prefix = f"diag/{layer}/" if layer else "diag/"
     if axes is None:
