@@ -31,7 +31,7 @@ ALPHAS = (0.25, 0.375, 0.5, 0.625, 0.75)
 
 def dyadic(shape: tuple[int, ...], lo: float, hi: float, step: float, generator: torch.Generator) -> Tensor:
     """Uniformly random multiples of ``step`` in ``[lo, hi]``."""
-    n = int(round((hi - lo) / step))
+    n = round((hi - lo) / step)
     return torch.randint(0, n + 1, shape, generator=generator).float() * step + lo
 
 
@@ -99,6 +99,8 @@ def make_exact(model: nn.Module, seed: int = 0) -> nn.Module:
 class ExactCifar10DataModule(CIFAR10DataModule):
     """CIFAR-10 whose batches are normalised to ``(pixel - 128) / 32``, exact in float32 (test fixture)."""
 
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+    def on_after_batch_transfer(
+        self, batch: tuple[Tensor, Tensor], dataloader_idx: int
+    ) -> tuple[Tensor, Tensor]:
         images, labels = batch
         return (images.float() - 128) / 32, labels

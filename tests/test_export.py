@@ -7,6 +7,7 @@ Parity through onnxruntime and qonnx is tested on networks whose float32 arithme
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -25,11 +26,24 @@ from qlight.export import FORMAT, InputContract, export_task, load_exported
 from qlight.export import main as export_main
 from qlight.export.deploy import deployable
 from qlight.export.onnx_file import write_onnx
-from qlight.export.onnx_ops import HardtanhQuantOp, ReluQuantOp, UnsupportedQuantizerError, top_level_needs_comparison
+from qlight.export.onnx_ops import (
+    HardtanhQuantOp,
+    ReluQuantOp,
+    UnsupportedQuantizerError,
+    top_level_needs_comparison,
+)
 from qlight.export.qonnx_ops import BipolarQuantNode, QuantNode, hardtanh_quant_node, weight_quant_node
 from qlight.models import build_model
 from qlight.models.convnet import minw_quant
-from qlight.quant import QuantAct, QuantConv2d, QuantHardtanh, QuantSpec, TensorQuantizer, quant_layers, quantize_model
+from qlight.quant import (
+    QuantAct,
+    QuantConv2d,
+    QuantHardtanh,
+    QuantSpec,
+    TensorQuantizer,
+    quant_layers,
+    quantize_model,
+)
 from qlight.quant.export import freeze_weights, pack_weight, packed_nbytes, unpack_weight
 from qlight.tasks import ImageClassifier
 
@@ -228,7 +242,9 @@ def test_quantized_relu_ops_equal_act_quant(tmp_path: Path, bits: int, mode: str
         act = QuantAct(bits, alpha_init=alpha_value, mode=mode).eval()
         from qlight.export.qonnx_ops import ReluQuantNode
 
-        assert np.array_equal(_run_onnx(ReluQuantNode(act), x, "qonnx", tmp_path / "relu.qonnx"), expected.numpy())
+        assert np.array_equal(
+            _run_onnx(ReluQuantNode(act), x, "qonnx", tmp_path / "relu.qonnx"), expected.numpy()
+        )
 
 
 def _alpha_needing_the_top_comparison(levels: int) -> Tensor:
@@ -256,7 +272,9 @@ def test_ceil_mode_sends_x_above_the_top_threshold_to_the_top_level(tmp_path: Pa
 
     assert np.array_equal(_run_onnx(ReluQuantNode(act), x, "qonnx", tmp_path / "top.qonnx"), authors.numpy())
     if not torch.equal(QF.act_quant(x, alpha, bits, "ceil"), authors):
-        pytest.xfail("qlight.quant.functional.act_quant does not compare with (L-1)·α yet (lead's fix pending)")
+        pytest.xfail(
+            "qlight.quant.functional.act_quant does not compare with (L-1)·α yet (lead's fix pending)"
+        )
     assert torch.equal(QuantAct(bits, alpha_init=float(alpha)).eval()(x), authors)
 
 
@@ -271,13 +289,14 @@ def test_ceil_mode_sends_x_above_the_top_threshold_to_the_top_level(tmp_path: Pa
         ("pow2_unit", 3, {"thresholds": [0.1, 0.3, 0.7]}),
     ],
 )
-def test_hardtanh_quantizer_ops_equal_the_eval_forward(tmp_path: Path, quantizer: str, bits: int,
-                                                       kwargs: dict[str, Any]) -> None:
+def test_hardtanh_quantizer_ops_equal_the_eval_forward(
+    tmp_path: Path, quantizer: str, bits: int, kwargs: dict[str, Any]
+) -> None:
     layer = QuantHardtanh(act_quantizer=TensorQuantizer(quantizer, bits, quantizer_kwargs=kwargs)).eval()
     points = [0.0, 1.0, -1.0, 0.5, -0.5, kwargs.get("delta", 0.5), -kwargs.get("delta", 0.5)]
     if quantizer == "pow2_unit":
         levels = QF.pow2_levels(bits)
-        thresholds = kwargs.get("thresholds") or [(a + b) / 2 for a, b in zip(levels[:-1], levels[1:], strict=True)]
+        thresholds = kwargs.get("thresholds") or [(a + b) / 2 for a, b in itertools.pairwise(levels)]
         points += [s * t for t in thresholds + levels for s in (1, -1)]
     x = _boundary_grid(points, torch.linspace(-1.5, 1.5, 6001))
     with torch.no_grad():
@@ -293,12 +312,27 @@ def test_hardtanh_quantizer_ops_equal_the_eval_forward(tmp_path: Path, quantizer
         assert np.array_equal(_run_onnx(node, x, "qonnx", tmp_path / "h.qonnx"), expected.numpy())
 
 
-@pytest.mark.parametrize("case", ["binary", "binary_per_channel", "ternary", "uniform2", "uniform4_per_channel",
-                                  "uniform8", "sign", "ternary_unit"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "binary",
+        "binary_per_channel",
+        "ternary",
+        "uniform2",
+        "uniform4_per_channel",
+        "uniform8",
+        "sign",
+        "ternary_unit",
+    ],
+)
 def test_qonnx_weight_nodes_reproduce_the_quantized_weights(case: str) -> None:
     weight, per_channel, _, _ = CASES[case]
-    quantizer = {"binary_per_channel": "binary", "uniform2": "uniform", "uniform4_per_channel": "uniform",
-                 "uniform8": "uniform"}.get(case, case)
+    quantizer = {
+        "binary_per_channel": "binary",
+        "uniform2": "uniform",
+        "uniform4_per_channel": "uniform",
+        "uniform8": "uniform",
+    }.get(case, case)
     bits = {"uniform2": 2, "uniform4_per_channel": 4, "uniform8": 8}.get(case)
     layer = QuantConv2d(8, 16, 3, weight_quantizer=TensorQuantizer(quantizer, bits, per_channel=per_channel))
     node = weight_quant_node("conv", layer, weight)
@@ -309,7 +343,9 @@ def test_qonnx_weight_nodes_reproduce_the_quantized_weights(case: str) -> None:
 
 def test_qonnx_refuses_what_it_cannot_express() -> None:
     pow2 = QuantConv2d(8, 16, 3, weight_quantizer=TensorQuantizer("pow2", 3))
-    with pytest.raises(UnsupportedQuantizerError, match=r"conv: weight quantizer 'pow2' has no exact QONNX form"):
+    with pytest.raises(
+        UnsupportedQuantizerError, match=r"conv: weight quantizer 'pow2' has no exact QONNX form"
+    ):
         weight_quant_node("conv", pow2, CASES["pow2_3"][0])
     binary = QuantConv2d(8, 16, 3, weight_quantizer=TensorQuantizer("binary"))
     with_zero = CASES["binary"][0].clone()
@@ -339,7 +375,7 @@ def test_deployable_network_computes_the_eval_exactly(name: str) -> None:
 
 
 def _save_checkpoint(task: ImageClassifier, path: Path, data_root: Path | None) -> Path:
-    """A Lightning checkpoint as qlight fit writes it (without optimizer state), naming the exact DataModule."""
+    """A Lightning checkpoint as qlight fit writes it (no optimizer state), naming the exact DataModule."""
     checkpoint: dict[str, Any] = {
         "state_dict": task.state_dict(),
         "hyper_parameters": dict(task.hparams),
@@ -389,7 +425,8 @@ def test_export_and_verify_reproduces_the_logits_exactly(
     ckpt = _save_checkpoint(task, tmp_path / "last.ckpt", cifar10_folder)
     out = tmp_path / f"model.{fmt}"
     code, stdout, stderr = _export(
-        ["--ckpt_path", str(ckpt), "--format", fmt, "--output", str(out), "--verify", "--samples", "6"], capsys
+        ["--ckpt_path", str(ckpt), "--format", fmt, "--output", str(out), "--verify", "--samples", "6"],
+        capsys,
     )
     assert code == 0, stdout + stderr
     assert "tensors: " in stdout and "NOT found" not in stdout
@@ -435,10 +472,15 @@ def test_float_checkpoint_needs_allow_float(
     ckpt = _save_checkpoint(task, tmp_path / "float.ckpt", cifar10_folder)
     code, _, err = _export(["--ckpt_path", str(ckpt), "--format", "onnx"], capsys)
     assert code == 2 and not (tmp_path / "float.onnx").exists()
-    assert err.startswith("qlight: error: ckpt_path=") and "is a float checkpoint" in err and "--allow-float" in err
+    assert (
+        err.startswith("qlight: error: ckpt_path=")
+        and "is a float checkpoint" in err
+        and "--allow-float" in err
+    )
     assert len(err.strip().splitlines()) == 1
-    code, out, err = _export(["--ckpt_path", str(ckpt), "--format", "onnx", "--allow-float", "--verify",
-                              "--samples", "4"], capsys)
+    code, out, err = _export(
+        ["--ckpt_path", str(ckpt), "--format", "onnx", "--allow-float", "--verify", "--samples", "4"], capsys
+    )
     assert code == 0, out + err
     assert "float network" in out and "PASS" in out and (tmp_path / "float.onnx").is_file()
 
@@ -461,12 +503,15 @@ def test_verify_fails_on_a_tampered_file(
     weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
     onnx.save(model, str(out))
 
-    code, stdout, stderr = _export(["--ckpt_path", str(ckpt), "--format", fmt, "--output", str(out),
-                                    "--verify-only", "--samples", "6"], capsys)
+    code, stdout, stderr = _export(
+        ["--ckpt_path", str(ckpt), "--format", fmt, "--output", str(out), "--verify-only", "--samples", "6"],
+        capsys,
+    )
     assert code == 1
     assert "NOT found: layer1.0.conv1.weight" in stdout and "FAIL" in stdout
     assert stderr.strip() == (
-        "qlight: error: --verify failed: the exported file does not compute the checkpoint's network (report above)"
+        "qlight: error: --verify failed: the exported file does not compute the checkpoint's network "
+        "(report above)"
     )
     if fmt == "onnx":
         assert "median over images 0 (" not in stdout  # the logits moved too
@@ -477,14 +522,15 @@ def test_qonnx_export_of_power_of_two_quantizers_fails_with_the_documented_messa
 ) -> None:
     task = _random_task("convnet_d_w3a3")
     ckpt = _save_checkpoint(task, tmp_path / "w3a3.ckpt", None)
-    code, out, err = _export(["--ckpt_path", str(ckpt), "--format", "qonnx"], capsys)
+    code, _out, err = _export(["--ckpt_path", str(ckpt), "--format", "qonnx"], capsys)
     assert code == 2 and not (tmp_path / "w3a3.qonnx.onnx").exists()
     assert err.startswith("qlight: error: features.0: weight quantizer 'pow2_unit' has no exact QONNX form")
     assert err.strip().endswith("export with --format onnx") and len(err.strip().splitlines()) == 1
 
 
-def test_missing_export_extra_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_export_extra_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     ckpt = _save_checkpoint(_exact_task("resnet20_w1a4"), tmp_path / "last.ckpt", None)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     code, _, err = _export(["--ckpt_path", str(ckpt), "--format", "onnx"], capsys)
@@ -503,7 +549,7 @@ def test_bad_checkpoints_and_options_fail_before_any_work(
         (["--ckpt_path", str(truncated), "--format", "onnx"], "is not a readable PyTorch checkpoint"),
         (["--format", "onnx"], "--ckpt_path"),
     ]:
-        code, out, err = _export(args, capsys)
+        code, _out, err = _export(args, capsys)
         assert code == 2 and err.startswith("qlight: error: ") and message in err, err
         assert len(err.strip().splitlines()) == 1 and "weights_only=False" not in err
     ckpt = _save_checkpoint(_exact_task("resnet20_w1a4"), tmp_path / "last.ckpt", cifar10_folder)
@@ -512,18 +558,21 @@ def test_bad_checkpoints_and_options_fail_before_any_work(
         (["--format", "onnx", "--verify", "--data.root", str(tmp_path / "nowhere")], "data: CIFAR-10 root"),
         (["--format", "onnx", "--verify-only"], "--verify-only: output="),
     ]:
-        code, out, err = _export(["--ckpt_path", str(ckpt), *args], capsys)
+        code, _out, err = _export(["--ckpt_path", str(ckpt), *args], capsys)
         assert code == 2 and err.startswith("qlight: error: ") and message in err, err
         assert len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.onnx"))
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_verify_without_reachable_data_uses_random_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_without_reachable_data_uses_random_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     task = _random_task("resnet20_float")
     ckpt = _save_checkpoint(task, tmp_path / "last.ckpt", tmp_path / "moved-away")
-    code, out, err = _export(["--ckpt_path", str(ckpt), "--format", "onnx", "--allow-float", "--verify",
-                              "--samples", "3"], capsys)
+    code, out, err = _export(
+        ["--ckpt_path", str(ckpt), "--format", "onnx", "--allow-float", "--verify", "--samples", "3"], capsys
+    )
     assert code == 0, out + err
     assert "the run's data are not reachable here" in out and "3 random images" in out and "PASS" in out
     assert "accuracy:" not in out  # random images have no labels

@@ -122,8 +122,9 @@ def _class_names(datamodule: Any, checkpoint: Mapping[str, Any]) -> list[str] | 
     return names
 
 
-def _metadata(fmt: str, path: Path, checkpoint: Mapping[str, Any], task: ImageClassifier,
-              contract: InputContract) -> dict[str, str]:
+def _metadata(
+    fmt: str, path: Path, checkpoint: Mapping[str, Any], task: ImageClassifier, contract: InputContract
+) -> dict[str, str]:
     hp = task.hparams
     spec = task.quant_spec
     return contract.metadata() | {
@@ -136,7 +137,7 @@ def _metadata(fmt: str, path: Path, checkpoint: Mapping[str, Any], task: ImageCl
         "qlight.model_kwargs": json.dumps(dict(hp.get("model_kwargs") or {})),
         "qlight.quant": json.dumps(spec.to_dict() if spec is not None else None),
         "output": f"logits: N x {int(hp['num_classes'])} float32, unnormalised; argmax is the class index "
-                  "(names in class_names)",
+        "(names in class_names)",
     }
 
 
@@ -145,22 +146,31 @@ def _doc(fmt: str, contract: InputContract) -> str:
         "standard ONNX ops only; quantized weights stored as float32 values level x scale; activation "
         "quantizers as exact Relu/Div/Ceil/Clip/Where/Mul (BCGD) or Clip/Where/Sign (AQE)"
         if fmt == "onnx"
-        else "QONNX: quantized weights and activations as Quant/BipolarQuant nodes (domain qonnx.custom_op.general)"
+        else "QONNX: quantized weights and activations as Quant/BipolarQuant nodes "
+        "(domain qonnx.custom_op.general)"
     )
     return f"qlight {qlight.__version__} export ({kind}). Input 'input': {contract.formula}. Output 'logits'."
 
 
 def _torch_logits(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([model.eval()(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+        return torch.cat(
+            [model.eval()(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+        )
 
 
-def _verify(fmt: str, out: Path, task: ImageClassifier, images: VerificationImages, tolerance: float) -> Parity:
+def _verify(
+    fmt: str, out: Path, task: ImageClassifier, images: VerificationImages, tolerance: float
+) -> Parity:
     """Run ``out`` in its runtime and compare it with the task's PyTorch eval (tensors and logits)."""
     reference = reference_tensors(task.model)
     if fmt == "qlight":
         exported = load_exported(out)
-        stored = {v.detach().float().numpy().tobytes() for v in exported.state_dict().values() if v.is_floating_point()}
+        stored = {
+            v.detach().float().numpy().tobytes()
+            for v in exported.state_dict().values()
+            if v.is_floating_point()
+        }
         missing = [k for k, v in reference.items() if v.numpy().tobytes() not in stored]
         runtime, logits = "qlight load_exported (PyTorch)", _torch_logits(exported, images.inputs).numpy()
     else:
@@ -169,15 +179,21 @@ def _verify(fmt: str, out: Path, task: ImageClassifier, images: VerificationImag
         missing = missing_tensors(onnx.load(str(out)), reference)
         runtime, logits = RUNTIMES[fmt][0], runtime_logits(fmt, out, images.inputs)
     return compare(
-        _torch_logits(task.model, images.inputs), logits, images.labels, runtime_name=runtime,
-        source=images.source, tolerance=tolerance, tensors_checked=len(reference), tensors_missing=missing,
+        _torch_logits(task.model, images.inputs),
+        logits,
+        images.labels,
+        runtime_name=runtime,
+        source=images.source,
+        tolerance=tolerance,
+        tensors_checked=len(reference),
+        tensors_missing=missing,
     )
 
 
 def export_checkpoint(
     ckpt_path: str | Path,
     output: str | Path | None = None,
-    format: str = "qlight",  # noqa: A002 - the CLI option's name
+    format: str = "qlight",
     *,
     allow_float: bool = False,
     verify: bool = False,
@@ -220,7 +236,9 @@ def export_checkpoint(
     checkpoint = read_checkpoint(path, "ckpt_path")
     hparams = checkpoint.get("hyper_parameters") or {}
     if "model" not in hparams:
-        raise ExportError(f"ckpt_path={str(path)!r} was not written by an ImageClassifier (no 'model' hyper-parameter)")
+        raise ExportError(
+            f"ckpt_path={str(path)!r} was not written by an ImageClassifier (no 'model' hyper-parameter)"
+        )
     if _is_float(hparams.get("quant")) and not allow_float:
         raise ExportError(
             f"ckpt_path={str(path)!r} is a float checkpoint (model.quant is null: nothing is quantized); "
@@ -229,12 +247,18 @@ def export_checkpoint(
     require_extra(format)
     out = Path(output) if output else path.with_suffix(SUFFIXES[format])
     if verify_only and not out.is_file():
-        raise ExportError(f"--verify-only: output={str(out)!r} does not exist; export it first (without --verify-only)")
+        raise ExportError(
+            f"--verify-only: output={str(out)!r} does not exist; export it first (without --verify-only)"
+        )
     contract = InputContract.from_checkpoint(checkpoint)
     datamodule = _datamodule(checkpoint, data)
     images = None
     if verify or verify_only:
-        images = validation_images(datamodule, samples) if datamodule is not None else random_images(contract, samples)
+        images = (
+            validation_images(datamodule, samples)
+            if datamodule is not None
+            else random_images(contract, samples)
+        )
     task = ImageClassifier.load_from_checkpoint(path, map_location="cpu").eval()
     if not verify_only:
         contract = contract.with_class_names(_class_names(datamodule, checkpoint))
@@ -252,8 +276,14 @@ def export_checkpoint(
     return out
 
 
-def _write(fmt: str, out: Path, ckpt_path: Path, checkpoint: Mapping[str, Any], task: ImageClassifier,
-           contract: InputContract) -> None:
+def _write(
+    fmt: str,
+    out: Path,
+    ckpt_path: Path,
+    checkpoint: Mapping[str, Any],
+    task: ImageClassifier,
+    contract: InputContract,
+) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "qlight":
         torch.save(export_task(task, contract), out)
@@ -285,21 +315,43 @@ def _parser(datamodule_cls: type | None, defaults: Mapping[str, Any]) -> Any:
         "--data.root for the verification images); qlight export --ckpt_path C --help lists them.",
     )
     parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by qlight fit")
-    parser.add_argument("--format", choices=FORMATS, default="qlight",
-                        help="qlight: bit-packed, for load_exported; onnx: standard opset (onnxruntime); "
-                        "qonnx: Quant/BipolarQuant nodes (FINN, Brevitas)")
-    parser.add_argument("--output", type=str, default=None,
-                        help="file to write (default: the checkpoint path with .quantized.pt, .onnx or .qonnx.onnx)")
-    parser.add_argument("--allow-float", action="store_true", help="export a checkpoint with nothing quantized")
-    parser.add_argument("--verify", action="store_true",
-                        help="run the file in its runtime and compare with the checkpoint's PyTorch eval (exit 1 if not equal)")
-    parser.add_argument("--verify-only", action="store_true",
-                        help="verify the existing --output file against the checkpoint instead of writing it")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="qlight",
+        help="qlight: bit-packed, for load_exported; onnx: standard opset (onnxruntime); "
+        "qonnx: Quant/BipolarQuant nodes (FINN, Brevitas)",
+    )
+    parser.add_argument(
+        "--output",
+        type=str,
+        default=None,
+        help="file to write (default: the checkpoint path with .quantized.pt, .onnx or .qonnx.onnx)",
+    )
+    parser.add_argument(
+        "--allow-float", action="store_true", help="export a checkpoint with nothing quantized"
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="run the file in its runtime and compare with the checkpoint's PyTorch eval (exit 1: differ)",
+    )
+    parser.add_argument(
+        "--verify-only",
+        action="store_true",
+        help="verify the existing --output file against the checkpoint instead of writing it",
+    )
     parser.add_argument("--samples", type=int, default=1000, help="number of verification images")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help="allowed max |Δlogit| as a fraction of max(1, max |logit|)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="allowed max |Δlogit| as a fraction of max(1, max |logit|)",
+    )
     if datamodule_cls is not None:
-        parser.add_class_arguments(datamodule_cls, "data", help="the run's DataModule (defaults from the checkpoint)")
+        parser.add_class_arguments(
+            datamodule_cls, "data", help="the run's DataModule (defaults from the checkpoint)"
+        )
         parser.set_defaults({f"data.{k}": v for k, v in defaults.items()})
     return parser
 
@@ -332,8 +384,15 @@ def _run(argv: list[str]) -> Path:
         parsed = ns.data.as_dict() if hasattr(ns.data, "as_dict") else dict(vars(ns.data))
         data = {k: parsed[k] for k in given_data if k in parsed}
     return export_checkpoint(
-        ns.ckpt_path, ns.output, ns.format, allow_float=ns.allow_float, verify=ns.verify,
-        verify_only=ns.verify_only, samples=ns.samples, tolerance=ns.tolerance, data=data,
+        ns.ckpt_path,
+        ns.output,
+        ns.format,
+        allow_float=ns.allow_float,
+        verify=ns.verify,
+        verify_only=ns.verify_only,
+        samples=ns.samples,
+        tolerance=ns.tolerance,
+        data=data,
     )
 
 
@@ -343,10 +402,19 @@ def main(args: list[str] | None = None) -> Path:
     try:
         return _run(argv)
     except ParityError:
-        print("qlight: error: --verify failed: the exported file does not compute the checkpoint's network "
-              "(report above)", file=sys.stderr)
+        print(
+            "qlight: error: --verify failed: the exported file does not compute the checkpoint's network "
+            "(report above)",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
-    except (ExportError, CheckpointError, MissingExtraError, UnsupportedQuantizerError, DatasetError,
-            FileNotFoundError) as err:
+    except (
+        ExportError,
+        CheckpointError,
+        MissingExtraError,
+        UnsupportedQuantizerError,
+        DatasetError,
+        FileNotFoundError,
+    ) as err:
         print(f"qlight: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -60,15 +60,16 @@ class InputContract:
     def formula(self) -> str:
         """The normalisation, spelled out for a reader of the file."""
         if not self.known:
-            return "unknown: the checkpoint names no DataModule with mean/std; feed what the model was trained on"
+            return "unknown: the checkpoint names no DataModule with mean/std; feed what the model trained on"
         size = f"{self.height}x{self.width}" if self.height and self.width else "any size"
         return (
-            f"input[n, c, h, w] = ({self.pixels} pixel / 255 - mean[c]) / std[c] with mean={list(self.mean or ())}, "
-            f"std={list(self.std or ())}; float32 NCHW, channels {self.channel_order}, {size}"
+            f"input[n, c, h, w] = ({self.pixels} pixel / 255 - mean[c]) / std[c] with "
+            f"mean={list(self.mean or ())}, std={list(self.std or ())}; float32 NCHW, "
+            f"channels {self.channel_order}, {size}"
         )
 
     def normalize(self, images: Tensor) -> Tensor:
-        """``uint8`` N x C x H x W images -> the float32 tensor the network takes (as the DataModule computes it).
+        """``uint8`` N x C x H x W images -> the float32 network input, computed as the DataModule does.
 
         Raises:
             ValueError: the contract is unknown, the images are not uint8 NCHW, or their size differs.
@@ -83,8 +84,12 @@ class InputContract:
         size = tuple(images.shape[2:])
         if self.height is not None and self.width is not None and size != (self.height, self.width):
             raise ValueError(f"expected {self.height}x{self.width} images, got {size[0]}x{size[1]}")
-        # the DataModules' arithmetic (images * (1 / (255 std)) - mean / std), so results match validation bit for bit
-        return normalize(images, torch.tensor(self.mean, device=images.device), torch.tensor(self.std, device=images.device))
+        # the DataModules' arithmetic (images * (1 / (255 std)) - mean / std): validation's inputs bit for bit
+        return normalize(
+            images,
+            torch.tensor(self.mean, device=images.device),
+            torch.tensor(self.std, device=images.device),
+        )
 
     def with_class_names(self, names: Sequence[str] | None) -> InputContract:
         """A copy naming the classes."""
@@ -155,7 +160,7 @@ class InputContract:
 
 
 def datamodule_class(checkpoint: Mapping[str, Any]) -> type | None:
-    """The DataModule class a checkpoint was trained with (None when it records none or it cannot be imported)."""
+    """The DataModule class a checkpoint was trained with (None if it names none or it cannot be imported)."""
     hparams = checkpoint.get(_DM_HPARAMS) or {}
     path = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
     if not isinstance(path, str) or "." not in path:

@@ -36,7 +36,11 @@ def _replacement(name: str, module: nn.Module, flavour: Flavour) -> nn.Module | 
     if isinstance(module, QuantAct):
         return ReluQuantOp.from_layer(module) if flavour == "onnx" else ReluQuantNode(module)
     if isinstance(module, QuantHardtanh):
-        return HardtanhQuantOp.from_layer(module, name) if flavour == "onnx" else hardtanh_quant_node(name, module)
+        return (
+            HardtanhQuantOp.from_layer(module, name)
+            if flavour == "onnx"
+            else hardtanh_quant_node(name, module)
+        )
     return None
 
 

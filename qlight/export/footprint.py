@@ -88,7 +88,9 @@ def footprint(model: nn.Module) -> Footprint:
         result.bits[bits] += numel
         result.packed_weight_bytes += math.ceil(numel * bits / 8) + levels.numel() * 4
     internal = {
-        f"{name}." for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantAct | TensorQuantizer)
+        f"{name}."
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, QuantAct | TensorQuantizer)
     }
     alphas = {f"{name}.alpha" for name, _ in quant_acts(model)}
     seen: set[int] = set()
@@ -100,4 +102,3 @@ def footprint(model: nn.Module) -> Footprint:
         seen.add(id(value))
         result.float_values += value.numel()
     return result
-

@@ -53,20 +53,26 @@ def validation_images(datamodule: LightningDataModule, samples: int) -> Verifica
     inputs, labels = datamodule.on_after_batch_transfer((images, labels), 0)
     name = type(datamodule).__name__
     return VerificationImages(
-        inputs.float().contiguous(), labels, f"{len(index)} validation images of {name}(root={datamodule.hparams.get('root')!r})"
+        inputs.float().contiguous(),
+        labels,
+        f"{len(index)} validation images of {name}(root={datamodule.hparams.get('root')!r})",
     )
 
 
 def random_images(contract: InputContract, samples: int, seed: int = 0) -> VerificationImages:
-    """``samples`` random uint8 images normalised with the contract (standard-normal tensors if it is unknown)."""
+    """``samples`` random uint8 images normalised with the contract (standard-normal if it is unknown)."""
     generator = torch.Generator().manual_seed(seed)
     height, width = contract.height or 32, contract.width or 32
     if contract.known:
         channels = len(contract.mean or ())
-        pixels = torch.randint(0, 256, (samples, channels, height, width), dtype=torch.uint8, generator=generator)
+        pixels = torch.randint(
+            0, 256, (samples, channels, height, width), dtype=torch.uint8, generator=generator
+        )
         return VerificationImages(contract.normalize(pixels), None, f"{samples} random images")
     inputs = torch.randn(samples, 3, height, width, generator=generator)
-    return VerificationImages(inputs, None, f"{samples} random standard-normal inputs (input contract unknown)")
+    return VerificationImages(
+        inputs, None, f"{samples} random standard-normal inputs (input contract unknown)"
+    )
 
 
 def class_names_of(datamodule: LightningDataModule) -> list[str] | None:

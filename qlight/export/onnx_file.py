@@ -51,7 +51,7 @@ def require_extra(fmt: str) -> None:
         except ImportError as err:
             raise MissingExtraError(
                 f"--format {fmt} needs the optional 'export' dependencies (missing module {module!r}): "
-                f"pip install -e \".[export]\" (or pip install \"qlight[export]\")"
+                f'pip install -e ".[export]" (or pip install "qlight[export]")'
             ) from err
 
 

@@ -18,6 +18,7 @@ Abs, Mul), so the exported graph computes the same float32 values, bit for bit, 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -46,12 +47,12 @@ class UnsupportedQuantizerError(ValueError):
 
 
 def clamped_alpha(act: QuantAct) -> Tensor:
-    """The resolution the eval forward uses: ``clamp(alpha, alpha_min, alpha_max)`` as a float32 0-dim tensor."""
+    """The resolution the eval forward uses: ``clamp(alpha, alpha_min, alpha_max)``, float32, 0-dim."""
     return act.alpha.detach().float().clamp(act.alpha_min, act.alpha_max).cpu().clone()
 
 
 def top_level_needs_comparison(alpha: Tensor, levels: int) -> bool:
-    """Whether ``⌈x/α⌉`` can give ``L − 1`` for an ``x > fl((L−1)α)`` (float32), where the authors' code gives ``L``.
+    """Whether ``⌈x/α⌉`` can give ``L − 1`` for an ``x > fl((L−1)α)`` (float32); the authors' code: ``L``.
 
     ``fl(x/α)`` is non-decreasing in ``x``, so it suffices to look at the first float32 above the
     threshold.
@@ -62,7 +63,7 @@ def top_level_needs_comparison(alpha: Tensor, levels: int) -> bool:
 
 
 def ternary_unit_delta(quantizer_kwargs: dict[str, object]) -> float:
-    """Δ of :func:`~qlight.quant.functional.ternary_quant` for these quantizer kwargs (its default when unset)."""
+    """Δ of :func:`~qlight.quant.functional.ternary_quant` for these quantizer kwargs (default when unset)."""
     return float(quantizer_kwargs.get("delta", 0.5))  # type: ignore[arg-type]
 
 
@@ -72,7 +73,7 @@ def pow2_unit_thresholds(bits: int, thresholds: Sequence[float] | None) -> list[
     if thresholds is not None:
         return [float(t) for t in thresholds]
     levels = QF.pow2_levels(bits)
-    return [(lo + hi) / 2 for lo, hi in zip(levels[:-1], levels[1:], strict=True)]
+    return [(lo + hi) / 2 for lo, hi in itertools.pairwise(levels)]
 
 
 class ReluQuantOp(nn.Module):
@@ -110,7 +111,8 @@ class ReluQuantOp(nn.Module):
         return k * self.alpha
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, mode={self.mode!r}, alpha={float(self.alpha):.6g}, compare_top={self.compare_top}"
+        alpha = float(self.alpha)
+        return f"levels={self.levels}, mode={self.mode!r}, alpha={alpha:.6g}, compare_top={self.compare_top}"
 
 
 class HardtanhQuantOp(nn.Module):

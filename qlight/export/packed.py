@@ -58,7 +58,7 @@ class ExportedClassifier(nn.Module):
 
 
 def export_task(task: ImageClassifier, contract: InputContract | None = None) -> dict[str, Any]:
-    """The export dict of a task: architecture, spec, packed quantized weights, other state, input contract."""
+    """The export dict of a task: architecture, spec, packed quantized weights, other state, contract."""
     spec = task.quant_spec
     packed = {
         f"{name}.weight": pack_weight(layer.quantized_weight().cpu(), layer.weight_quantizer.per_channel)
@@ -90,7 +90,9 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
     data = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(data, dict) or data.get("format") not in READABLE:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path} is not a qlight export (format {found!r}; expected one of {list(READABLE)})")
+        raise ValueError(
+            f"{path} is not a qlight export (format {found!r}; expected one of {list(READABLE)})"
+        )
     model = build_model(data["model"], num_classes=data["num_classes"], **data["model_kwargs"])
     if data["quant"] is not None:
         quantize_model(model, QuantSpec(**data["quant"]))

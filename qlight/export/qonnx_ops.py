@@ -38,7 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qlight.export.onnx_ops import UnsupportedQuantizerError, clamped_alpha, ternary_unit_delta, top_level_needs_comparison
+from qlight.export.onnx_ops import (
+    UnsupportedQuantizerError,
+    clamped_alpha,
+    ternary_unit_delta,
+    top_level_needs_comparison,
+)
 from qlight.quant.layers import QuantAct, QuantConv2d, QuantHardtanh, QuantLinear
 
 __all__ = [
@@ -68,7 +73,13 @@ class _QuantFn(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor, bit_width: Tensor, signed: int, narrow: int,
+        ctx: Any,
+        x: Tensor,
+        scale: Tensor,
+        zero_point: Tensor,
+        bit_width: Tensor,
+        signed: int,
+        narrow: int,
         rounding_mode: str,
     ) -> Tensor:
         bits = int(bit_width)
@@ -81,11 +92,25 @@ class _QuantFn(torch.autograd.Function):
         return (y - zero_point) * scale
 
     @staticmethod
-    def symbolic(g: Any, x: Any, scale: Any, zero_point: Any, bit_width: Any, signed: int, narrow: int,
-                 rounding_mode: str) -> Any:
+    def symbolic(
+        g: Any,
+        x: Any,
+        scale: Any,
+        zero_point: Any,
+        bit_width: Any,
+        signed: int,
+        narrow: int,
+        rounding_mode: str,
+    ) -> Any:
         out = g.op(
-            f"{QONNX_DOMAIN}::Quant", x, scale, zero_point, bit_width,
-            signed_i=int(signed), narrow_i=int(narrow), rounding_mode_s=rounding_mode,
+            f"{QONNX_DOMAIN}::Quant",
+            x,
+            scale,
+            zero_point,
+            bit_width,
+            signed_i=int(signed),
+            narrow_i=int(narrow),
+            rounding_mode_s=rounding_mode,
         )
         out.setType(x.type())
         return out
@@ -118,19 +143,32 @@ class QuantNode(nn.Module):
         self.signed, self.narrow, self.rounding_mode = int(signed), int(narrow), rounding_mode
 
     def forward(self, x: Tensor) -> Tensor:
-        return _QuantFn.apply(x, self.scale, self.zero_point, self.bit_width, self.signed, self.narrow,
-                              self.rounding_mode)
+        return _QuantFn.apply(
+            x, self.scale, self.zero_point, self.bit_width, self.signed, self.narrow, self.rounding_mode
+        )
 
     def reference(self, x: np.ndarray) -> np.ndarray:
         """What qonnx's executor computes for this node (its own implementation)."""
         from qonnx.custom_op.general.quant import quant
 
-        return np.asarray(quant(x, self.scale.numpy(), self.zero_point.numpy(), self.bit_width.numpy(),
-                                self.signed, self.narrow, self.rounding_mode), dtype=np.float32)
+        return np.asarray(
+            quant(
+                x,
+                self.scale.numpy(),
+                self.zero_point.numpy(),
+                self.bit_width.numpy(),
+                self.signed,
+                self.narrow,
+                self.rounding_mode,
+            ),
+            dtype=np.float32,
+        )
 
     def extra_repr(self) -> str:
-        return (f"bits={int(self.bit_width)}, signed={self.signed}, narrow={self.narrow}, "
-                f"rounding_mode={self.rounding_mode!r}, scale_shape={tuple(self.scale.shape)}")
+        return (
+            f"bits={int(self.bit_width)}, signed={self.signed}, narrow={self.narrow}, "
+            f"rounding_mode={self.rounding_mode!r}, scale_shape={tuple(self.scale.shape)}"
+        )
 
 
 class BipolarQuantNode(nn.Module):
@@ -208,8 +246,8 @@ def weight_quant_node(name: str, layer: QuantConv2d | QuantLinear, weight: Tenso
         zeros = int((weight == 0).sum())
         if zeros:
             raise UnsupportedQuantizerError(
-                f"{name}: {zeros} of its {kind} weights are exactly 0 (sign(0) = 0), which QONNX BipolarQuant "
-                "(±scale only) cannot express; export with --format onnx"
+                f"{name}: {zeros} of its {kind} weights are exactly 0 (sign(0) = 0), which QONNX "
+                "BipolarQuant (±scale only) cannot express; export with --format onnx"
             )
         scale = _group_absmax(weight, per_channel) if kind == "binary" else torch.tensor(1.0)
         node = BipolarQuantNode(scale)
@@ -251,7 +289,9 @@ class _QonnxWeightLayer(nn.Module):
         weight = layer.quantized_weight().detach().float().cpu()
         self.quant = weight_quant_node(name, layer, weight)
         self.register_buffer("weight", weight)
-        self.register_buffer("bias", layer.bias.detach().float().cpu().clone() if layer.bias is not None else None)
+        self.register_buffer(
+            "bias", layer.bias.detach().float().cpu().clone() if layer.bias is not None else None
+        )
 
 
 class QonnxConv2d(_QonnxWeightLayer):
@@ -261,10 +301,17 @@ class QonnxConv2d(_QonnxWeightLayer):
         super().__init__(name, layer)
         if layer.padding_mode != "zeros":
             raise UnsupportedQuantizerError(f"{name}: padding_mode={layer.padding_mode!r} is not exported")
-        self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
+        self.stride, self.padding, self.dilation, self.groups = (
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.quant(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(
+            x, self.quant(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
 
 class QonnxLinear(_QonnxWeightLayer):
@@ -282,8 +329,13 @@ class ReluQuantNode(nn.Module):
         super().__init__()
         alpha = clamped_alpha(act)
         levels = act.levels
-        self.quant = QuantNode(alpha, act.bits, signed=False, narrow=False,
-                               rounding_mode="CEIL" if act.mode == "ceil" else "ROUND")
+        self.quant = QuantNode(
+            alpha,
+            act.bits,
+            signed=False,
+            narrow=False,
+            rounding_mode="CEIL" if act.mode == "ceil" else "ROUND",
+        )
         self.compare_top = act.mode == "ceil" and top_level_needs_comparison(alpha, levels)
         if self.compare_top:
             self.register_buffer("threshold", (levels - 1.0) * alpha)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from qlight.export.onnx_ops import clamped_alpha
@@ -60,10 +59,14 @@ def reference_tensors(model: nn.Module) -> dict[str, Tensor]:
     Quantized weights as ``Q(w)``, α clamped as the eval forward uses it, everything else as stored;
     schedule knobs that eval ignores (``mix``, ``rate_factor``) and shared duplicates are left out.
     """
-    out: dict[str, Tensor] = {f"{name}.weight": layer.quantized_weight() for name, layer in quant_layers(model)}
+    out: dict[str, Tensor] = {
+        f"{name}.weight": layer.quantized_weight() for name, layer in quant_layers(model)
+    }
     out.update({f"{name}.alpha": clamped_alpha(act) for name, act in quant_acts(model)})
     internal = tuple(
-        f"{name}." for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantAct | TensorQuantizer)
+        f"{name}."
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, QuantAct | TensorQuantizer)
     )
     seen: set[int] = set()
     for key, value in model.state_dict(keep_vars=True).items():
@@ -107,7 +110,8 @@ def onnxruntime_logits(path: str | Path, inputs: np.ndarray, batch_size: int = 2
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     chunks = [
-        session.run(["logits"], {"input": inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)
+        session.run(["logits"], {"input": inputs[i : i + batch_size]})[0]
+        for i in range(0, len(inputs), batch_size)
     ]
     return np.concatenate(chunks)
 
@@ -164,7 +168,7 @@ class Parity:
 
     @property
     def passed(self) -> bool:
-        """Every tensor found, every top-1 equal, the median image at rounding level, the worst within tolerance."""
+        """Every tensor found, every top-1 equal, the median image at rounding, the worst within tolerance."""
         return (
             not self.tensors_missing
             and self.agreeing == self.images
@@ -175,26 +179,30 @@ class Parity:
     def lines(self) -> list[str]:
         """The human report."""
         found = self.tensors_checked - len(self.tensors_missing)
-        tensors = f"tensors: {found}/{self.tensors_checked} of the checkpoint's quantized network stored bit for bit"
+        tensors = f"tensors: {found}/{self.tensors_checked} of the checkpoint's network stored bit for bit"
         if self.tensors_missing:
+            more = len(self.tensors_missing) - 5
             tensors += f"; NOT found: {', '.join(self.tensors_missing[:5])}" + (
-                f" and {len(self.tensors_missing) - 5} more" if len(self.tensors_missing) > 5 else ""
+                f" and {more} more" if more > 0 else ""
             )
+        s, tol, rounding = self.scale, self.tolerance, ROUNDING_TOLERANCE
         lines = [
             f"verify: {self.runtime} vs PyTorch eval of the checkpoint on {self.source}",
             f"  {tensors}",
             f"  top-1 agreement {100 * self.agreeing / self.images:.2f}% ({self.agreeing}/{self.images})",
-            f"  max |Δlogit| {self.max_abs_diff:.3g} (allowed {self.tolerance * self.scale:.3g}), median over images "
-            f"{self.median_abs_diff:.3g} (allowed {ROUNDING_TOLERANCE * self.scale:.3g}); tolerances {self.tolerance:g} "
-            f"and {ROUNDING_TOLERANCE:g} x max(1, max |logit| {self.max_abs_logit:.3g}); "
-            f"{self.beyond_rounding} image(s) beyond float rounding (quantizer boundary flips)",
+            f"  max |Δlogit| {self.max_abs_diff:.3g} (allowed {tol * s:.3g} = {tol:g} s), median over images "
+            f"{self.median_abs_diff:.3g} (allowed {rounding * s:.3g} = {rounding:g} s), "
+            f"s = max(1, max |logit|) = {s:.3g}",
+            f"  {self.beyond_rounding} image(s) differ beyond float rounding (quantizer boundary flips)",
         ]
         if self.reference_correct is not None and self.runtime_correct is not None:
             lines.append(
                 f"  accuracy: PyTorch {100 * self.reference_correct / self.images:.2f}%, {self.runtime} "
                 f"{100 * self.runtime_correct / self.images:.2f}%"
             )
-        lines.append("  PASS" if self.passed else "  FAIL: the exported file does not compute the checkpoint's network")
+        lines.append(
+            "  PASS" if self.passed else "  FAIL: the exported file does not compute the checkpoint's network"
+        )
         return lines
 
 
