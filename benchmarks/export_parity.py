@@ -59,13 +59,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=256, help="random inputs per run")
     parser.add_argument("--seeds", type=int, default=3, help="networks per architecture")
+    parser.add_argument("--first-seed", type=int, default=0, help="seed of the first network")
     parser.add_argument("--networks", nargs="+", default=sorted(NETWORKS), choices=sorted(NETWORKS))
     args = parser.parse_args()
     run = {"onnx": onnxruntime_logits, "qonnx": qonnx_logits}
     print("network seed format top1_agreement max_rel median_rel beyond_rounding")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.networks:
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 model = random_network(name, seed)
                 x = torch.randn(args.samples, 3, 32, 32, generator=torch.Generator().manual_seed(1000 + seed))
                 with torch.no_grad():

@@ -557,6 +557,7 @@ def test_bad_checkpoints_and_options_fail_before_any_work(
         (["--format", "tflite"], "invalid choice: 'tflite'"),
         (["--format", "onnx", "--verify", "--data.root", str(tmp_path / "nowhere")], "data: CIFAR-10 root"),
         (["--format", "onnx", "--verify-only"], "--verify-only: output="),
+        (["--format", "onnx", "--verify-only", "--output", str(truncated)], "is not a runnable 'onnx' export"),
     ]:
         code, _out, err = _export(["--ckpt_path", str(ckpt), *args], capsys)
         assert code == 2 and err.startswith("qlight: error: ") and message in err, err

@@ -49,6 +49,7 @@ from qlight.export.verify import (
     reference_tensors,
     runtime_logits,
 )
+from qlight.quant import iter_quant_modules
 from qlight.tasks import ImageClassifier
 
 __all__ = ["FORMATS", "ExportError", "ParityError", "export_checkpoint", "main"]
@@ -78,7 +79,9 @@ def _is_float(quant: Any) -> bool:
     return spec.get("weight") == "float" and spec.get("act") == "float"
 
 
-def _datamodule(checkpoint: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> Any:
+def _datamodule(
+    checkpoint: Mapping[str, Any], overrides: Mapping[str, Any] | None, log: Callable[[str], None]
+) -> Any:
     """The run's DataModule with ``overrides``, or None when its data are not reachable and none were given.
 
     Raises:
@@ -100,11 +103,11 @@ def _datamodule(checkpoint: Mapping[str, Any], overrides: Mapping[str, Any] | No
     except (DatasetError, ValueError, OSError) as err:
         if overrides:
             raise ExportError(f"data: {err}") from None
-        print(f"qlight export: the run's data are not reachable here ({err}); pass --data.root to use them")
+        log(f"qlight export: the run's data are not reachable here ({err}); pass --data.root to use them")
         return None
 
 
-def _class_names(datamodule: Any, checkpoint: Mapping[str, Any]) -> list[str] | None:
+def _class_names(datamodule: Any, log: Callable[[str], None]) -> list[str] | None:
     """The run's class names, read cheaply where possible (see :func:`probe_class_names`)."""
     if datamodule is None:
         return None
@@ -116,7 +119,7 @@ def _class_names(datamodule: Any, checkpoint: Mapping[str, Any]) -> list[str] | 
             logging.disable(logging.INFO)  # the DataModule announces the (tiny) decode
             names = probe_class_names(type(datamodule), args)
         except (DatasetError, ValueError, OSError) as err:
-            print(f"qlight export: class names not recorded ({err})")
+            log(f"qlight export: class names not recorded ({err})")
         finally:
             logging.disable(logging.NOTSET)
     return names
@@ -164,20 +167,22 @@ def _verify(
 ) -> Parity:
     """Run ``out`` in its runtime and compare it with the task's PyTorch eval (tensors and logits)."""
     reference = reference_tensors(task.model)
-    if fmt == "qlight":
-        exported = load_exported(out)
-        stored = {
-            v.detach().float().numpy().tobytes()
-            for v in exported.state_dict().values()
-            if v.is_floating_point()
-        }
-        missing = [k for k, v in reference.items() if v.numpy().tobytes() not in stored]
-        runtime, logits = "qlight load_exported (PyTorch)", _torch_logits(exported, images.inputs).numpy()
-    else:
-        import onnx
+    try:
+        if fmt == "qlight":
+            exported = load_exported(out)
+            stored = {
+                v.float().numpy().tobytes() for v in exported.state_dict().values() if v.is_floating_point()
+            }
+            missing = [k for k, v in reference.items() if v.numpy().tobytes() not in stored]
+            runtime, logits = "qlight load_exported (PyTorch)", _torch_logits(exported, images.inputs).numpy()
+        else:
+            import onnx
 
-        missing = missing_tensors(onnx.load(str(out)), reference)
-        runtime, logits = RUNTIMES[fmt][0], runtime_logits(fmt, out, images.inputs)
+            missing = missing_tensors(onnx.load(str(out)), reference)
+            runtime, logits = RUNTIMES[fmt][0], runtime_logits(fmt, out, images.inputs)
+    except Exception as err:  # a damaged or foreign file: whatever its runtime raises, say it in one line
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ExportError(f"output={str(out)!r} is not a runnable {fmt!r} export: {first[:300]}") from None
     return compare(
         _torch_logits(task.model, images.inputs),
         logits,
@@ -241,8 +246,8 @@ def export_checkpoint(
         )
     if _is_float(hparams.get("quant")) and not allow_float:
         raise ExportError(
-            f"ckpt_path={str(path)!r} is a float checkpoint (model.quant is null: nothing is quantized); "
-            "export the quantized run's checkpoint, or pass --allow-float to export the float network"
+            f"ckpt_path={str(path)!r} is a float checkpoint (its model.quant quantizes nothing); export the "
+            "quantized run's checkpoint, or pass --allow-float to export the float network"
         )
     require_extra(format)
     out = Path(output) if output else path.with_suffix(SUFFIXES[format])
@@ -251,7 +256,7 @@ def export_checkpoint(
             f"--verify-only: output={str(out)!r} does not exist; export it first (without --verify-only)"
         )
     contract = InputContract.from_checkpoint(checkpoint)
-    datamodule = _datamodule(checkpoint, data)
+    datamodule = _datamodule(checkpoint, data, log)
     images = None
     if verify or verify_only:
         images = (
@@ -260,8 +265,13 @@ def export_checkpoint(
             else random_images(contract, samples)
         )
     task = ImageClassifier.load_from_checkpoint(path, map_location="cpu").eval()
+    if not allow_float and not any(True for _ in iter_quant_modules(task.model)):
+        raise ExportError(
+            f"ckpt_path={str(path)!r} is a float checkpoint (its model.quant quantizes no layer); export the "
+            "quantized run's checkpoint, or pass --allow-float to export the float network"
+        )
     if not verify_only:
-        contract = contract.with_class_names(_class_names(datamodule, checkpoint))
+        contract = contract.with_class_names(_class_names(datamodule, log))
         _write(format, out, path, checkpoint, task, contract)
         log(f"qlight export: wrote {out} ({format}, {out.stat().st_size / 1e6:.3f} MB)")
         log(f"  {footprint(task.model).summary()}")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from qlight.export.deploy import Flavour
-from qlight.export.qonnx_ops import QONNX_DOMAIN
+from qlight.export.qonnx_ops import QONNX_DOMAIN, BipolarQuantNode, QuantNode
 
 __all__ = ["OPSET", "MissingExtraError", "fold_small_constants", "require_extra", "write_onnx"]
 
@@ -91,7 +91,7 @@ def write_onnx(
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             training=torch.onnx.TrainingMode.PRESERVE,
             do_constant_folding=True,
-            custom_opsets={QONNX_DOMAIN: 1} if flavour == "qonnx" else None,
+            custom_opsets={QONNX_DOMAIN: 1} if _has_qonnx_nodes(network) else None,
         )
     model = onnx.load_from_string(buffer.getvalue())
     fold_small_constants(model)
@@ -107,6 +107,10 @@ def write_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return model
+
+
+def _has_qonnx_nodes(network: nn.Module) -> bool:
+    return any(isinstance(m, QuantNode | BipolarQuantNode) for m in network.modules())
 
 
 def fold_small_constants(model: Any, max_elements: int = 4096) -> None:
