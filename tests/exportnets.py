@@ -1,4 +1,10 @@
-"""Quantized networks whose float32 arithmetic is exact, for bit-exact deployment-parity tests.
+"""Networks and checkpoints for the export tests, among them networks whose float32 arithmetic is exact.
+
+:data:`NETWORKS` are the networks of issue 14; :func:`random_task` gives one ordinary float parameters and
+non-trivial BatchNorm statistics and α, :func:`exact_task` the exact-arithmetic parameters below, and
+:func:`save_checkpoint` writes it as ``qlight fit`` would. :func:`run_export` runs ``qlight export``.
+
+Exact arithmetic, for bit-exact deployment-parity tests:
 
 Two correct float32 implementations of a quantized network (PyTorch's and onnxruntime's convolutions
 sum in different orders) may pick neighbouring quantization levels for a pre-activation that lies
@@ -19,12 +25,19 @@ order and a correct export must give *exactly* the PyTorch logits:
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
+import lightning
+import pytest
 import torch
 from torch import Tensor, nn
 
 from qlight.data import CIFAR10DataModule
-from qlight.quant import QuantAct, quant_layers
+from qlight.export import main as export_main
+from qlight.models.convnet import minw_quant
+from qlight.quant import QuantAct, QuantSpec, quant_layers
+from qlight.tasks import ImageClassifier
 
 ALPHAS = (0.25, 0.375, 0.5, 0.625, 0.75)
 
@@ -104,3 +117,74 @@ class ExactCifar10DataModule(CIFAR10DataModule):
     ) -> tuple[Tensor, Tensor]:
         images, labels = batch
         return (images.float() - 128) / 32, labels
+
+
+# the networks of issue 14: name -> (architecture, quantization spec or None)
+NETWORKS: dict[str, tuple[str, dict[str, Any] | None]] = {
+    "resnet20_w1a4": ("resnet20", {"weight": "binary", "act": "relu_quant", "a_bits": 4}),
+    "vgg11_w2a4": ("vgg11", {"weight": "ternary", "w_bits": 2, "act": "relu_quant", "a_bits": 4}),
+    "convnet_d_w1a1": ("convnet_d", minw_quant(1, 1)),
+    "convnet_d_w3a3": ("convnet_d", minw_quant(3, 3)),
+    "resnet20_float": ("resnet20", None),
+}
+
+
+def _task(name: str) -> ImageClassifier:
+    arch, spec = NETWORKS[name]
+    return ImageClassifier(model=arch, quant=QuantSpec(**spec) if spec else None)
+
+
+@torch.no_grad()
+def random_task(name: str, seed: int = 0) -> ImageClassifier:
+    """A network of :data:`NETWORKS` with float BN statistics from a training pass, random BN affine and α,
+    and a training-time blend (``mix``) that eval must ignore; in eval mode."""
+    torch.manual_seed(seed)
+    task = _task(name)
+    task.model.train()(torch.randn(8, 3, 32, 32))
+    for m in task.model.modules():
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.3, 0.3)
+        if isinstance(m, QuantAct):
+            m.alpha.mul_(torch.empty(()).uniform_(0.6, 1.6))
+    for _, layer in quant_layers(task.model):
+        layer.weight_quantizer.set_mix(0.5)
+    return task.eval()
+
+
+def exact_task(name: str, seed: int = 0) -> ImageClassifier:
+    """A network of :data:`NETWORKS` with exact float32 arithmetic (:func:`make_exact`), in eval mode."""
+    task = _task(name)
+    make_exact(task.model, seed)
+    return task.eval()
+
+
+def save_checkpoint(task: ImageClassifier, path: Path, data_root: Path | None) -> Path:
+    """A Lightning checkpoint as qlight fit writes it (no optimizer state); with ``data_root``, it names an
+    :class:`ExactCifar10DataModule` on that root as the run's data."""
+    checkpoint: dict[str, Any] = {
+        "state_dict": task.state_dict(),
+        "hyper_parameters": dict(task.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": 3,
+        "global_step": 42,
+    }
+    if data_root is not None:
+        checkpoint["datamodule_hyper_parameters"] = {
+            "_class_path": f"{ExactCifar10DataModule.__module__}.{ExactCifar10DataModule.__qualname__}",
+            "root": str(data_root),
+            "batch_size": 8,
+        }
+    torch.save(checkpoint, path)
+    return path
+
+
+def run_export(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run ``qlight export`` as the console script does; return (exit status, stdout, stderr)."""
+    try:
+        export_main(args)
+        code = 0
+    except SystemExit as stop:
+        code = int(stop.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
