@@ -15,6 +15,7 @@ tensor shapes from tools such as qonnx's shape inference; :func:`fold_small_cons
 from __future__ import annotations
 
 import importlib
+import inspect
 import io
 import warnings
 from collections.abc import Mapping
@@ -33,6 +34,11 @@ __all__ = ["OPSET", "MissingExtraError", "fold_small_constants", "require_extra"
 OPSET = 17
 #: modules each format needs, to write (and, for --verify, to run) its files
 EXTRA_MODULES = {"onnx": ("onnx", "onnxruntime"), "qonnx": ("onnx", "onnxruntime", "qonnx")}
+
+
+#: newer torch has a ``dynamo`` switch (True by default in 2.14); torch 2.4 has only the TorchScript exporter
+_HAS_DYNAMO_SWITCH = "dynamo" in inspect.signature(torch.onnx.export).parameters
+_TORCHSCRIPT_EXPORTER = {"dynamo": False} if _HAS_DYNAMO_SWITCH else {}
 
 
 class MissingExtraError(ImportError):
@@ -84,7 +90,7 @@ def write_onnx(
             network.eval(),
             (example,),
             buffer,
-            dynamo=False,
+            **_TORCHSCRIPT_EXPORTER,
             opset_version=OPSET,
             input_names=["input"],
             output_names=["logits"],
