@@ -159,7 +159,8 @@ def main(args: ArgsType = None, run: bool = True) -> QlightCLI:
 def console_main() -> None:
     """The ``qlight`` console script: run the CLI and exit 0 on success (main returns the CLI object).
 
-    ``qlight export --ckpt_path C`` writes the truly quantized model of a checkpoint (:mod:`qlight.export`).
+    ``qlight export --ckpt_path C [--format qlight|onnx|qonnx] [--verify]`` writes the truly quantized model of
+    a checkpoint and checks it in its runtime (:mod:`qlight.export`).
     """
     if sys.argv[1:2] in (["report"], ["grid"]):  # qlight report / qlight grid (qlight.commands)
         from qlight.commands import run_subcommand
@@ -188,8 +189,9 @@ def _build_cli(args: ArgsType, run: bool) -> QlightCLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "version": f"qlight {qlight.__version__}",
-            "epilog": "Also: qlight export --ckpt_path CKPT [--output FILE] writes the truly quantized network; "
-            "qlight grid PROTOCOL runs a table's cells with seeds; qlight report [logs/] tabulates them.",
+            "epilog": "Also: qlight export --ckpt_path CKPT [--format qlight|onnx|qonnx] [--verify] writes the truly "
+            "quantized network (qlight export --help); qlight grid PROTOCOL runs a table's cells with seeds; "
+            "qlight report [logs/] tabulates them.",
         },
         args=args,
         run=run,
