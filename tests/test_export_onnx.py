@@ -144,10 +144,7 @@ def test_ceil_mode_sends_x_above_the_top_threshold_to_the_top_level(tmp_path: Pa
     assert np.array_equal(_run_onnx(op, x, "onnx", tmp_path / "top.onnx"), authors.numpy())
     act = QuantAct(bits, alpha_init=float(alpha)).eval()
     assert np.array_equal(_run_onnx(ReluQuantNode(act), x, "qonnx", tmp_path / "top.qonnx"), authors.numpy())
-    if not torch.equal(QF.act_quant(x, alpha, bits, "ceil"), authors):
-        pytest.xfail(
-            "qlight.quant.functional.act_quant does not compare with (L-1)·α yet (lead's fix pending)"
-        )
+    assert torch.equal(QF.act_quant(x, alpha, bits, "ceil"), authors)
     assert torch.equal(QuantAct(bits, alpha_init=float(alpha)).eval()(x), authors)
 
 
