@@ -202,7 +202,9 @@ def test_shipped_protocols_expand_and_resolve(monkeypatch: pytest.MonkeyPatch) -
             if run.parent:
                 assert by_name[run.parent].key == "float" and by_name[run.parent].seed == run.seed
             if path.stem.endswith("_budget"):
-                assert config["trainer"]["precision"] == "bf16-mixed" and config["model"]["init_args"]["compile"]
+                model = config["model"]["init_args"]
+                assert config["trainer"]["precision"] == "32-true" and model["compile"]
+                assert model["compile_mode"] == "reduce-overhead"
     assert cells["bcgd_resnet20_w1a4"] == {
         ("float", "cifar10/resnet20/float/float"), ("binaryconnect", "cifar10/resnet20/ste/w1a4"),
         ("bcgd", "cifar10/resnet20/bcgd/w1a4")}
