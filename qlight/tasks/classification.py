@@ -19,9 +19,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from qlight.checkpoints import read_checkpoint
 from qlight.models import build_model
 from qlight.quant import QuantAct, QuantSpec, TensorQuantizer, clamp_alphas_, param_groups, quantize_model
-from qlight.tasks.logging import step_logging_due
+from qlight.tasks.logging import step_logging_due, step_values_written
 
 # The hyper-parameters hold a QuantSpec; resuming (`ckpt_path`) and `load_from_checkpoint` unpickle
 # with weights_only=True (torch >= 2.6), which refuses classes that are not allow-listed.
@@ -136,6 +137,7 @@ class ImageClassifier(LightningModule):
         # train/loss is the mean over the steps since it was last logged (summed on the device)
         self.register_buffer("_loss_sum", torch.tensor(0.0), persistent=False)
         self._loss_count = 0
+        self._unwritten_loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
     def configure_model(self) -> None:
@@ -156,12 +158,8 @@ class ImageClassifier(LightningModule):
         unless the checkpoint carries them.
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"model.init_from={str(path)!r}: no such checkpoint file")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-        if not isinstance(state, dict):
-            raise TypeError(f"model.init_from={str(path)!r} holds neither a Lightning checkpoint nor a state_dict")
+        ckpt = read_checkpoint(path, "model.init_from", lightning=False)  # weights_only, one-line errors
+        state = ckpt.get("state_dict", ckpt)
         state = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith(("_", "train_", "val_", "test_"))}
         own = self.model.state_dict()
         unknown = sorted(k for k in state if k not in own)
@@ -253,7 +251,10 @@ class ImageClassifier(LightningModule):
         self._loss_sum.add_(loss.detach())
         self._loss_count += 1
         if step_logging_due(self.trainer, batch_idx):
-            self.log("train/loss", self._loss_sum / self._loss_count)
+            mean_loss = self._loss_sum / self._loss_count
+            self.log("train/loss", mean_loss, prog_bar=True)
+            # the epoch's last window when Lightning does not write this step: written at epoch end
+            self._unwritten_loss = None if step_values_written(self.trainer) else mean_loss
             self._loss_sum.zero_()
             self._loss_count = 0
         with torch.no_grad():
@@ -274,6 +275,9 @@ class ImageClassifier(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._raise_if_nonfinite()
+        if self._unwritten_loss is not None:  # e.g. epochs shorter than log_every_n_steps
+            self.log("train/loss", self._unwritten_loss, prog_bar=True)
+            self._unwritten_loss = None
         if self._train_seen:
             seen = torch.tensor([self._train_seen], device=self._train_hits.device)
             hits, seen = self.trainer.strategy.reduce(torch.cat([self._train_hits, seen]), reduce_op="sum").split(2)
@@ -296,15 +300,22 @@ class ImageClassifier(LightningModule):
         more per step than the model's forward for small CIFAR networks.
         """
         if any(m.update_called for m in metrics.values()):
-            self.log_dict(metrics.compute())
+            values = metrics.compute()
+            acc1 = f"{metrics.prefix}acc1"
+            self.log(acc1, values.pop(acc1), prog_bar=acc1 == "val/acc1")
+            self.log_dict(values)
         metrics.reset()
 
     def _raise_if_nonfinite(self) -> None:
         step = int(self._nonfinite_step)
         if step >= 0:
+            precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+            full = precision in ("32", "32-true", "64", "64-true")
             raise NonFiniteLossError(
                 f"training loss became non-finite at global step {step} (epoch {self.current_epoch}); "
-                "lower the learning rate, check the data, or try precision=32"
+                "lower the learning rate or check the data"
+                + ("" if full else f" (or train in full precision: the run uses precision={precision}; "
+                   "try --trainer.precision 32-true)")
             )
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
