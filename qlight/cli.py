@@ -46,7 +46,15 @@ from qlight.interrupt import (
     restore_handlers,
 )
 from qlight.loggers import CSVLogger, RunInfo, WandbLogger
-from qlight.runs import RunCheckpoint, RunRecord, find_last_checkpoint, fit_summary, run_dir_of, wandb_id_of
+from qlight.runs import (
+    RunCheckpoint,
+    RunRecord,
+    csv_logger,
+    find_last_checkpoint,
+    fit_summary,
+    run_dir_of,
+    wandb_id_of,
+)
 from qlight.tasks import ImageClassifier
 
 # ckpt_path values Lightning resolves itself (qlight resolves "last" for fit)
@@ -187,7 +195,7 @@ class QlightCLI(LightningCLI):
     def _find_last(self) -> Path | None:
         """``--ckpt_path last``: the newest ``last.ckpt`` of this experiment's run folders (of the run
         named by ``$QLIGHT_RUN_ID`` or the SLURM job, when one is set); ``None`` starts afresh."""
-        csv = next((lg for lg in self.trainer.loggers if isinstance(lg, CSVLogger)), None)
+        csv = csv_logger(self.trainer)
         if csv is not None:
             tag = qlight.loggers.run_tag()
             found = find_last_checkpoint(csv.root_dir, f"{tag or '*'}/checkpoints")
@@ -260,7 +268,7 @@ class QlightCLI(LightningCLI):
             print(fit_summary(self.trainer), flush=True)
 
     def _say_where_metrics_went(self) -> None:
-        csv = next((lg for lg in self.trainer.loggers if isinstance(lg, CSVLogger)), None)
+        csv = csv_logger(self.trainer)
         if csv is not None and self.trainer.is_global_zero:
             print(f"qlight: metrics: {os.path.join(csv.log_dir, 'metrics.csv')}", flush=True)
 
@@ -273,7 +281,8 @@ class QlightCLI(LightningCLI):
     # ------------------------------------------------------------------ signals
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; SIGTERM/SIGINT stop it as :class:`~qlight.interrupt.Interrupted` (see that module)."""
-        previous = {} if lightning_handles_signals(self.trainer) else immediate_stop_handlers()
+        context = "before training started; nothing to save" if subcommand == "fit" else ""
+        previous = {} if lightning_handles_signals(self.trainer) else immediate_stop_handlers(context)
         try:
             super()._run_subcommand(subcommand)
         except SIGTERMException:
@@ -374,7 +383,23 @@ def console_main() -> None:
             print(f"qlight: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
         return
-    main()
+    status = 1
+    try:
+        main()
+        status = 0
+    except SystemExit as stop:
+        status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        raise
+    finally:
+        _finish_wandb(status)
+
+
+def _finish_wandb(status: int) -> None:
+    """Close the W&B run before the interpreter exits: W&B's exit hook prints its closing lines with
+    ANSI colours even into a file, and marks a run stopped by a signal as finished."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=status)
 
 
 CLASS_HELP = (

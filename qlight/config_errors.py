@@ -159,7 +159,7 @@ class QlightArgumentParser(LightningArgumentParser):
     """LightningArgumentParser whose errors are one ``qlight: error:`` line and exit status 2."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        from jsonargparse._common import debug_mode_active  # noqa: PLC0415  (private, but stable since 4.x)
+        from jsonargparse._common import debug_mode_active  # private, but stable since jsonargparse 4.x
 
         if not self.exit_on_error or debug_mode_active() or verbose():
             super().error(message, ex)

@@ -59,20 +59,20 @@ def _say(text: str) -> None:
     os.write(2, f"{text}\n".encode())
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signum, message=f"stopped by {signal.Signals(signum).name} before training started")
+def immediate_stop_handlers(context: str = "") -> dict[int, Any]:
+    """Make SIGTERM/SIGINT stop the command at once (as :class:`Interrupted`, its message ending in
+    ``context``); returns the handlers replaced, for :func:`restore_handlers`.
 
-
-def immediate_stop_handlers() -> dict[int, Any]:
-    """Make SIGTERM/SIGINT stop the command at once (as :class:`Interrupted`); returns the handlers replaced.
-
-    Active until training starts, when :class:`StopOnSignal` takes over; restore with
-    :func:`restore_handlers`.
+    In ``fit`` they are active until training starts, when :class:`StopOnSignal` takes over.
     """
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signum, message=" ".join(filter(None, [f"stopped by {signal.Signals(signum).name}", context])))
+
     previous = {}
     for signum in SIGNALS:
         previous[signum] = signal.getsignal(signum)
-        signal.signal(signum, _raise_interrupted)
+        signal.signal(signum, stop)
     return previous
 
 

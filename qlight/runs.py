@@ -29,7 +29,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from qlight.checkpoints import read_checkpoint
 from qlight.loggers import CSVLogger, WandbLogger
 
-__all__ = ["RunCheckpoint", "RunRecord", "find_last_checkpoint", "fit_summary", "run_dir_of", "wandb_id_of"]
+__all__ = [
+    "RunCheckpoint", "RunRecord", "csv_logger", "find_last_checkpoint", "fit_summary", "run_dir_of", "wandb_id_of",
+    "wandb_logger",
+]
 
 IDENTITY_KEY = "qlight_run"
 """Key of the run identity (``run_dir``, ``wandb_id``) inside a checkpoint dict."""
@@ -94,11 +97,13 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def _csv_logger(trainer: Trainer) -> CSVLogger | None:
+def csv_logger(trainer: Trainer) -> CSVLogger | None:
+    """The trainer's qlight CSV logger (the run folder), if any."""
     return next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
 
 
-def _wandb_logger(trainer: Trainer) -> WandbLogger | None:
+def wandb_logger(trainer: Trainer) -> WandbLogger | None:
+    """The trainer's active qlight W&B logger, if any."""
     return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger) and lg.mode != "disabled"), None)
 
 
@@ -116,7 +121,7 @@ class RunRecord(Callback):
     """
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        csv, wandb = _csv_logger(trainer), _wandb_logger(trainer)
+        csv, wandb = csv_logger(trainer), wandb_logger(trainer)
         checkpoint[IDENTITY_KEY] = {
             "run_dir": os.path.abspath(csv.log_dir) if csv is not None else None,
             "wandb_id": wandb.version if wandb is not None else None,
@@ -127,11 +132,11 @@ class RunRecord(Callback):
         states = checkpoint.get("callbacks") or {}
         for callback in trainer.checkpoint_callbacks:
             state = states.get(callback.state_key) if isinstance(callback, ModelCheckpoint) else None
-            if state and callback.dirpath and state.get("dirpath") != callback.dirpath:
-                if _same_dir(state.get("dirpath"), callback.dirpath) or (
-                    loaded and _same_dir(os.path.dirname(str(loaded)), callback.dirpath)
-                ):
-                    states[callback.state_key] = _rehome(state, str(callback.dirpath))
+            if not state or not callback.dirpath or state.get("dirpath") == callback.dirpath:
+                continue
+            here = loaded is not None and _same_dir(os.path.dirname(str(loaded)), callback.dirpath)
+            if here or _same_dir(state.get("dirpath"), callback.dirpath):
+                states[callback.state_key] = _rehome(state, str(callback.dirpath))
         if trainer.state.fn != "fit":
             trainer.fit_loop.epoch_loop._batches_that_stepped = int(checkpoint.get("global_step", 0))
             trainer.fit_loop.epoch_progress.current.completed = int(checkpoint.get("epoch", 0))
@@ -170,10 +175,10 @@ def fit_summary(trainer: Trainer) -> str:
             lines.append(f"  best {callback.monitor}: none (no validation logged it)")
         if callback.last_model_path:
             lines.append(f"  last checkpoint: {callback.last_model_path}")
-    csv = _csv_logger(trainer)
+    csv = csv_logger(trainer)
     if csv is not None:
         lines.append(f"  metrics: {os.path.join(csv.log_dir, 'metrics.csv')}")
-    wandb = _wandb_logger(trainer)
+    wandb = wandb_logger(trainer)
     if wandb is not None and wandb._experiment is not None:
         lines.append(f"  W&B: {wandb.where()}")
     return "\n".join(lines)
