@@ -12,16 +12,18 @@ even for large checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "read_checkpoint"]
+__all__ = ["CheckpointError", "model_differences", "read_checkpoint"]
 
 
 class CheckpointError(ValueError):
@@ -80,3 +82,70 @@ def read_checkpoint(
     if not lightning and "state_dict" not in data and not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{where} is neither a Lightning checkpoint nor a state_dict of tensors; {hint}")
     return data
+
+
+NETWORK_HPARAMS = ("_class_path", "model", "model_kwargs", "num_classes", "quant")
+"""The model hyper-parameters that define the network a checkpoint's weights belong to. The others
+(learning-rate factors, calibration, ``compile``, ``init_from``, ...) may differ when resuming or
+evaluating."""
+
+
+#: model_kwargs the task takes from the checkpoint when the config leaves them unset (the option-A shortcut
+#: placement, which checkpoints of older qlight versions do not record)
+ADOPTED_MODEL_KWARGS = ("shortcut_pad",)
+
+
+def model_differences(config: Mapping[str, Any], checkpoint: Mapping[str, Any]) -> list[str]:
+    """``field: config value vs checkpoint value`` for each network-defining hyper-parameter that differs.
+
+    ``quant`` is compared field by field (``quant.a_bits: 4 vs 2``); a spec against none reads
+    ``quant: {...} vs None``. Fields the checkpoint does not record are not compared.
+    """
+    found = []
+    for key in NETWORK_HPARAMS:
+        if key not in checkpoint or key not in config:
+            continue
+        mine, theirs = config[key], checkpoint[key]
+        if key == "model_kwargs":
+            mine, theirs = dict(mine or {}), dict(theirs or {})
+            for adopted in ADOPTED_MODEL_KWARGS:  # unset in the config: the checkpoint's value is used
+                if adopted not in mine:
+                    theirs.pop(adopted, None)
+        if key == "quant":
+            found += _quant_differences(_as_dict(mine), _as_dict(theirs))
+        elif mine != theirs:
+            found.append(f"{key}: {mine!r} vs {theirs!r}")
+    return found
+
+
+def _as_dict(spec: Any) -> dict[str, Any] | None:
+    """A quantization spec (a QuantSpec, the CLI's dict, or None) as a dict with every field filled in."""
+    from qlight.quant import QuantSpec
+
+    if spec is None:
+        return None
+    if isinstance(spec, QuantSpec):
+        return dataclasses.asdict(spec)
+    try:
+        return dataclasses.asdict(QuantSpec(**dict(spec)))
+    except (TypeError, ValueError):  # a spec from another qlight version: compare what is there
+        return dict(spec)
+
+
+def _quant_differences(mine: dict[str, Any] | None, theirs: dict[str, Any] | None) -> list[str]:
+    if mine is None or theirs is None:
+        return [] if mine == theirs else [f"quant: {_short(mine)} vs {_short(theirs)}"]
+    keys = list(mine) + [k for k in theirs if k not in mine]
+    return [f"quant.{k}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)]
+
+
+def _short(spec: dict[str, Any] | None) -> str:
+    """A spec by its main fields and those that differ from the defaults (``None``: a float model)."""
+    from qlight.quant import QuantSpec
+
+    if spec is None:
+        return "None (float)"
+    defaults = dataclasses.asdict(QuantSpec())
+    main = ("weight", "w_bits", "act", "a_bits")
+    shown = {k: v for k, v in spec.items() if k in main or defaults.get(k, object()) != v}
+    return "{" + ", ".join(f"{k}: {v!r}" for k, v in shown.items()) + "}"

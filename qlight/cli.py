@@ -3,27 +3,63 @@
 ``qlight fit|validate|test|predict --config configs/<dataset>/<experiment>.yaml``; later ``--config``
 files and ``--key value`` flags override earlier ones. Short class names work in YAML
 (``class_path: BCGD``) because this module imports qlight's packages.
+
+Around Lightning's run the command adds a run's lifecycle: checkpoints are checked before anything
+expensive starts and must hold the configured network (:mod:`qlight.checkpoints`); a command given
+a checkpoint continues that checkpoint's run (:mod:`qlight.runs`); SIGTERM/SIGINT stop ``fit``
+between two steps with a checkpoint (:mod:`qlight.interrupt`); bad input is one ``qlight: error:``
+line with exit status 2 (:mod:`qlight.config_errors`); and the output is quiet unless ``--verbose``
+(:mod:`qlight.console`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, RichModelSummary
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import qlight
 import qlight.callbacks
 import qlight.data
 import qlight.loggers
 from qlight.callbacks.throughput import Throughput
+from qlight.checkpoints import CheckpointError, model_differences, read_checkpoint
+from qlight.config_errors import QlightArgumentParser
+from qlight.console import QuietModelSummary, be_quiet, set_verbose, verbose
 from qlight.data import DatasetError
-from qlight.loggers import RunInfo
+from qlight.interrupt import (
+    Interrupted,
+    StopOnSignal,
+    exit_status,
+    immediate_stop_handlers,
+    lightning_handles_signals,
+    restore_handlers,
+)
+from qlight.loggers import CSVLogger, RunInfo, WandbLogger
+from qlight.runs import (
+    RunCheckpoint,
+    RunRecord,
+    csv_logger,
+    find_last_checkpoint,
+    fit_summary,
+    run_dir_of,
+    wandb_id_of,
+)
 from qlight.tasks import ImageClassifier
+
+# ckpt_path values Lightning resolves itself (qlight resolves "last" for fit)
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
 class QlightSaveConfig(SaveConfigCallback):
@@ -34,6 +70,8 @@ class QlightSaveConfig(SaveConfigCallback):
     """
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":  # evaluating a run's checkpoint must not replace the run's training config
+            return
         for logger in trainer.loggers:
             if isinstance(logger, qlight.loggers.WandbLogger) and logger.mode != "disabled":
                 config = self.parser.dump(self.config, skip_none=False, format="json")
@@ -54,7 +92,10 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 class QlightCLI(LightningCLI):
-    """LightningCLI that always checkpoints on ``val/acc1`` and names runs from the experiment."""
+    """LightningCLI that always checkpoints on ``val/acc1``, names runs from the experiment and manages
+    a run's lifecycle (see the module doc)."""
+
+    _checkpoint: dict[str, Any] | None = None
 
     def instantiate_classes(self) -> None:
         """Instantiate, turning qlight's validation errors (wrapped by jsonargparse) into a ConfigError."""
@@ -66,6 +107,39 @@ class QlightCLI(LightningCLI):
                 raise ConfigError(str(cause)) from err
             raise
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        extra: list[Callback] = [RunRecord()]
+        if self.subcommand == "fit":
+            extra.append(StopOnSignal())
+        trainer = super()._instantiate_trainer(config, [*callbacks, *extra])
+        if not verbose():
+            trainer.callbacks = [
+                QuietModelSummary(max_depth=cb._max_depth) if type(cb) in (ModelSummary, RichModelSummary) else cb
+                for cb in trainer.callbacks
+            ]
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """Check the checkpoint files, right after parsing and before anything expensive.
+
+        A missing, truncated or foreign checkpoint (``ckpt_path``, ``model.init_from``) is one
+        ``qlight: error:`` line before any data are decoded or loggers created. Lightning's own
+        version of this method loads ``ckpt_path`` unchecked and silently replaces the configured
+        model with the checkpoint's hyper-parameters, resetting the optimizer and LR schedule to the
+        class defaults; qlight keeps the config and compares it with the checkpoint instead
+        (:meth:`_check_model`).
+        """
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        if config is None:
+            return
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and str(ckpt_path) not in SPECIAL_CKPT_PATHS:
+            self._checkpoint = read_checkpoint(ckpt_path, "ckpt_path")
+        init_from = config.get("model.init_args.init_from")
+        if init_from:
+            read_checkpoint(init_from, "model.init_from", lightning=False)
+
     def before_instantiate_classes(self) -> None:
         """Give a run with a :func:`~qlight.loggers.run_tag` its own ``default_root_dir`` (``logs/<tag>``).
 
@@ -73,20 +147,15 @@ class QlightCLI(LightningCLI):
         job resumes from the newest one it finds; with the shared default (the working directory) a
         job could resume from another job's checkpoint.
         """
-        tag = qlight.loggers.run_tag()
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if tag and config is not None and config.get("trainer") and not config["trainer"].get("default_root_dir"):
+        if config is None:
+            return
+        tag = qlight.loggers.run_tag()
+        if tag and config.get("trainer") and not config["trainer"].get("default_root_dir"):
             config["trainer"]["default_root_dir"] = os.path.join("logs", tag)
 
-    def _parse_ckpt_path(self) -> None:
-        """``fit --ckpt_path``: keep the config's model. Lightning re-parses the checkpoint's hyper-parameters
-        into it, and qlight's omit the optimizer and LR scheduler (callables), which a resumed run would
-        then silently replace by the defaults (SGD 0.1, no schedule). validate/test still rebuild from them."""
-        if self.config.get("subcommand") != "fit":
-            super()._parse_ckpt_path()
-
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc1",
@@ -101,6 +170,7 @@ class QlightCLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
+    # ------------------------------------------------------------------ before each subcommand
     def _describe_run(self) -> None:
         info = describe_run(self.model, self.datamodule, self.trainer, self._get(self.config, "seed_everything"))
         for logger in self.trainer.loggers:
@@ -108,17 +178,140 @@ class QlightCLI(LightningCLI):
             if describe is not None:
                 describe(info)
 
-    def before_fit(self) -> None:
+    def _prepare(self, subcommand: str) -> None:
+        """Name the run, find the checkpoint it continues, check that checkpoint against the config and
+        point the loggers and checkpoint folder at its run."""
         self._describe_run()
+        config = self.config_init[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        checkpoint = self._checkpoint
+        if subcommand == "fit" and ckpt_path == "last":
+            found = self._find_last()
+            ckpt_path = config["ckpt_path"] = str(found) if found is not None else None
+            checkpoint = read_checkpoint(found, "ckpt_path") if found is not None else None
+        if checkpoint is not None and ckpt_path:
+            self._check_model(ckpt_path, checkpoint)
+            self._continue_run(subcommand, ckpt_path, checkpoint)
+        if subcommand == "fit":
+            self._drop_lr_monitor_without_logger()
+
+    def _find_last(self) -> Path | None:
+        """``--ckpt_path last``: the newest ``last.ckpt`` of this experiment's run folders (of the run
+        named by ``$QLIGHT_RUN_ID`` or the SLURM job, when one is set); ``None`` starts afresh."""
+        csv = csv_logger(self.trainer)
+        if csv is not None:
+            tag = qlight.loggers.run_tag()
+            found = find_last_checkpoint(csv.root_dir, f"{tag or '*'}/checkpoints")
+            where = Path(csv.root_dir) / (tag or "")
+        else:  # no CSV run folder: Lightning's checkpoint folder
+            callback = self.trainer.checkpoint_callback
+            where = Path(getattr(callback, "dirpath", None) or Path(self.trainer.default_root_dir) / "checkpoints")
+            found = find_last_checkpoint(where)
+        if found is None:
+            _note(f"--ckpt_path last: no checkpoint of this run under {where}/, so it starts from the beginning")
+        return found
+
+    def _check_model(self, ckpt_path: str, checkpoint: dict[str, Any]) -> None:
+        """The config must build the network the checkpoint holds (one line naming each difference)."""
+        saved = checkpoint.get("hyper_parameters")
+        if not isinstance(saved, dict):
+            return
+        differences = model_differences(dict(self.model.hparams), saved)
+        if differences:
+            run = run_dir_of(ckpt_path, checkpoint)
+            config = run / "config.yaml" if run is not None and (run / "config.yaml").is_file() else None
+            use = f"--config {config}" if config else "the config.yaml saved in the run folder that wrote it"
+            raise ConfigError(
+                f"ckpt_path={ckpt_path!r} holds a different model than the config (config vs checkpoint): "
+                + "; ".join(differences) + f"; use the checkpoint's own config: {use}"
+            )
+
+    def _continue_run(self, subcommand: str, ckpt_path: str, checkpoint: dict[str, Any]) -> None:
+        """Log into the checkpoint's run: its folder (``<run>/<subcommand>/`` when evaluating), its W&B
+        run and its checkpoint folder."""
+        run = run_dir_of(ckpt_path, checkpoint)
+        if run is None:
+            return
+        for logger in self.trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                if subcommand == "fit":
+                    logger.continue_in(run, replace="later")
+                else:
+                    logger.continue_in(run / subcommand, replace="same")
+            elif isinstance(logger, WandbLogger) and (wandb_id := wandb_id_of(checkpoint)):
+                logger.continue_run(wandb_id)
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = str(run / "checkpoints")
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:  # continuing it is the point
+                warnings.filterwarnings(
+                    "ignore", message=f"Checkpoint directory {re.escape(str(callback.dirpath))} exists and is not empty"
+                )
+
+    def _drop_lr_monitor_without_logger(self) -> None:
+        monitors = [cb for cb in self.trainer.callbacks if isinstance(cb, LearningRateMonitor)]
+        if monitors and not self.trainer.loggers:
+            self.trainer.callbacks = [cb for cb in self.trainer.callbacks if cb not in monitors]
+            _note("no logger (trainer.logger is false), so LearningRateMonitor is dropped: it needs one")
+
+    def before_fit(self) -> None:
+        self._prepare("fit")
 
     def before_validate(self) -> None:
-        self._describe_run()
+        self._prepare("validate")
 
     def before_test(self) -> None:
-        self._describe_run()
+        self._prepare("test")
 
     def before_predict(self) -> None:
-        self._describe_run()
+        self._prepare("predict")
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(fit_summary(self.trainer), flush=True)
+
+    def _say_where_metrics_went(self) -> None:
+        csv = csv_logger(self.trainer)
+        if csv is not None and self.trainer.is_global_zero:
+            print(f"qlight: metrics: {os.path.join(csv.log_dir, 'metrics.csv')}", flush=True)
+
+    def after_validate(self) -> None:
+        self._say_where_metrics_went()
+
+    def after_test(self) -> None:
+        self._say_where_metrics_went()
+
+    # ------------------------------------------------------------------ signals
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; SIGTERM/SIGINT stop it as :class:`~qlight.interrupt.Interrupted` (see that module)."""
+        context = "before training started; nothing to save" if subcommand == "fit" else ""
+        previous = {} if lightning_handles_signals(self.trainer) else immediate_stop_handlers(context)
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            raise self._interrupted() from None
+        finally:
+            restore_handlers(previous)
+
+    def _interrupted(self) -> Interrupted:
+        stop = next((cb for cb in self.trainer.callbacks if isinstance(cb, StopOnSignal)), None)
+        if stop is None or stop.signum is None or stop.checkpoint is None:
+            return Interrupted(signal.SIGTERM)
+        step, epoch = stop.stopped_at or (self.trainer.global_step, self.trainer.current_epoch)
+        saved = Path(self.trainer.log_dir or ".") / "config.yaml"
+        config = f"--config {saved}" if saved.is_file() else "<the same arguments>"
+        return Interrupted(
+            stop.signum,
+            stop.checkpoint,
+            f"stopped by {signal.Signals(stop.signum).name} after step {step} (epoch {epoch}); saved "
+            f"{stop.checkpoint}; resume with: qlight fit {config} --ckpt_path {stop.checkpoint}",
+        )
+
+
+def _note(text: str) -> None:
+    """One line about a choice qlight made for the user."""
+    if rank_zero_only.rank == 0:
+        print(f"qlight: note: {text}", file=sys.stderr, flush=True)
 
 
 def describe_run(model: LightningModule, datamodule: LightningDataModule | None, trainer: Trainer, seed: Any) -> RunInfo:
@@ -147,13 +340,36 @@ def bits_tag(spec: Any) -> str:
 def main(args: ArgsType = None, run: bool = True) -> QlightCLI:
     """Entry point of ``qlight`` and ``python -m qlight`` (``run=False`` builds without running).
 
-    A bad config or data path exits with status 2 and one ``qlight: error: ...`` line.
+    A bad config, data path or checkpoint exits with status 2 and one ``qlight: error: ...`` line; a
+    run stopped by SIGTERM/SIGINT exits with 143/130 and one line saying how to resume. ``--verbose``
+    (anywhere on the command line) restores the libraries' full output.
     """
+    loud = False
+    if args is None:  # the command line: LightningCLI reads sys.argv itself
+        loud = "--verbose" in sys.argv[1:]
+        sys.argv[1:] = [a for a in sys.argv[1:] if a != "--verbose"]
+    elif isinstance(args, list | tuple):
+        loud = "--verbose" in args
+        args = [a for a in args if a != "--verbose"]
+    previous = os.environ.get("QLIGHT_VERBOSE")
+    if loud:
+        set_verbose(True)
+    be_quiet()
     try:
         return _build_cli(args, run)
-    except (ConfigError, DatasetError) as err:  # DatasetError: data checked when the run starts
+    except (ConfigError, DatasetError, CheckpointError) as err:  # DatasetError: data checked when the run starts
         print(f"qlight: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Interrupted as stop:
+        if rank_zero_only.rank == 0:
+            print(f"qlight: {stop}", file=sys.stderr, flush=True)
+        raise SystemExit(exit_status(stop.signum)) from None
+    finally:
+        if loud:
+            if previous is None:
+                os.environ.pop("QLIGHT_VERBOSE", None)
+            else:
+                os.environ["QLIGHT_VERBOSE"] = previous
 
 
 def console_main() -> None:
@@ -175,10 +391,35 @@ def console_main() -> None:
             print(f"qlight: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
         return
-    main()
+    status = 1
+    try:
+        main()
+        status = 0
+    except SystemExit as stop:
+        status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        raise
+    finally:
+        _finish_wandb(status)
+
+
+def _finish_wandb(status: int) -> None:
+    """Close the W&B run before the interpreter exits: W&B's exit hook prints its closing lines with
+    ANSI colours even into a file, and marks a run stopped by a signal as finished."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=status)
+
+
+CLASS_HELP = (
+    "Options of the chosen classes: --model.help ImageClassifier, --data.help CIFAR10DataModule (or "
+    "ImageNetDataModule, ...), --trainer.callbacks.help BCGD (or AQE, ...), --trainer.logger.help "
+    "qlight.loggers.WandbLogger. --print_config shows the resolved config; --verbose shows the libraries' "
+    "full output."
+)
 
 
 def _build_cli(args: ArgsType, run: bool) -> QlightCLI:
+    subcommand_kwargs = {sub: {"epilog": CLASS_HELP} for sub in ("fit", "validate", "test", "predict")}
     return QlightCLI(
         model_class=ImageClassifier,
         datamodule_class=LightningDataModule,
@@ -187,11 +428,14 @@ def _build_cli(args: ArgsType, run: bool) -> QlightCLI:
         seed_everything_default=0,
         save_config_callback=QlightSaveConfig,
         save_config_kwargs={"overwrite": True},
+        parser_class=QlightArgumentParser,
         parser_kwargs={
-            "version": f"qlight {qlight.__version__}",
+            "prog": "qlight",
+            "version": qlight.__version__,
             "epilog": "Also: qlight export --ckpt_path CKPT [--format qlight|onnx|qonnx] [--verify] writes the truly "
             "quantized network (qlight export --help); qlight grid PROTOCOL runs a table's cells with seeds; "
-            "qlight report [logs/] tabulates them.",
+            "qlight report [logs/] tabulates them. --verbose (any command) shows the libraries' full output.",
+            **subcommand_kwargs,
         },
         args=args,
         run=run,

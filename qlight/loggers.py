@@ -12,7 +12,9 @@ import csv
 import netrc
 import os
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -126,6 +128,35 @@ class WandbLogger(_WandbLogger):
             **extra,
             **kwargs,
         )
+        if self._wandb_init.get("anonymous") is None:  # wandb warns that the setting has no effect
+            self._wandb_init.pop("anonymous", None)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        """The W&B run, created on first use; when W&B itself is silenced (``WANDB_SILENT``, qlight's
+        default) one line says where the run lives."""
+        created = self._experiment is None
+        run = super().experiment
+        if created and self.mode != "disabled" and os.environ.get("WANDB_SILENT", "").lower() == "true":
+            print(f"qlight: W&B {self.where()}", file=sys.stderr, flush=True)
+        return run
+
+    def where(self) -> str:
+        """The run's URL, or for an offline run its folder and the command that uploads it."""
+        run = self._experiment
+        if run is None or self.mode == "disabled":
+            return "disabled"
+        if self.mode == "offline":
+            folder = os.path.relpath(Path(run.dir).parent)
+            return f"offline run {folder}; upload it with: wandb sync {folder}"
+        return f"run {run.url}"
+
+    def continue_run(self, run_id: str) -> None:
+        """Log into the existing W&B run ``run_id`` (a resumed run, or evaluating a run's checkpoint)."""
+        if self._experiment is None:
+            self._wandb_init["id"] = self._id = run_id
+            self._wandb_init["resume"] = "allow"
 
     def describe_run(self, info: RunInfo) -> None:
         """Fill name, group and tags the config left empty (before the run is created)."""
@@ -171,14 +202,32 @@ class CSVLogger(_CSVLogger):
         killed later and resumed from that checkpoint keeps every metric logged before it."""
         self.save()
 
+    def continue_in(self, log_dir: str | os.PathLike[str], replace: Literal["later", "same"] = "later") -> None:
+        """Write into the existing folder ``log_dir``, keeping its ``metrics.csv`` rows.
+
+        ``replace="later"`` (a resumed run) drops the rows at or after the first step logged now, which
+        the interrupted run wrote after its checkpoint; ``replace="same"`` (evaluations of a run's
+        checkpoints, one row per evaluated step) drops only rows of the steps logged again.
+        """
+        if self._experiment is not None:
+            raise RuntimeError("CSVLogger.continue_in must be called before the logger writes")
+        path = Path(log_dir)
+        self._root_dir = self._save_dir = str(path.parent.parent)
+        self._name = path.parent.name
+        self._version = path.name
+        self._continued = True
+        self._replace = replace
+
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         """Lightning's writer; for a continued run (a :func:`run_tag`) one that keeps the earlier rows."""
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            writer = ContinuedExperimentWriter if self._continued else ExperimentWriter
-            self._experiment = writer(log_dir=self.log_dir)
+            if self._continued:
+                self._experiment = ContinuedExperimentWriter(self.log_dir, getattr(self, "_replace", "later"))
+            else:
+                self._experiment = ExperimentWriter(log_dir=self.log_dir)
         return self._experiment
 
 
@@ -186,11 +235,13 @@ class ContinuedExperimentWriter(ExperimentWriter):
     """A CSV writer that continues an existing ``metrics.csv`` instead of deleting it (Lightning's default).
 
     The rows the interrupted run wrote after its last checkpoint are replaced by the resumed run's: on
-    the first save, rows with ``step`` at or after the first step logged now are dropped.
+    the first save, rows with ``step`` at or after the first step logged now are dropped
+    (``replace="later"``); with ``replace="same"`` only rows of the steps logged now are.
     """
 
-    def __init__(self, log_dir: str) -> None:
+    def __init__(self, log_dir: str, replace: Literal["later", "same"] = "later") -> None:
         self._resume_pending = False
+        self._replace = replace
         super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
@@ -201,9 +252,17 @@ class ContinuedExperimentWriter(ExperimentWriter):
 
     def save(self) -> None:
         if self._resume_pending and self.metrics:
-            first_step = min(int(m["step"]) for m in self.metrics)
+            steps = {int(m["step"]) for m in self.metrics}
+            first_step = min(steps)
+
+            def keep(row: dict[str, str]) -> bool:
+                if not row.get("step"):
+                    return False
+                step = int(row["step"])
+                return step not in steps if self._replace == "same" else step < first_step
+
             with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                kept = [row for row in csv.DictReader(file) if row.get("step") and int(row["step"]) < first_step]
+                kept = [row for row in csv.DictReader(file) if keep(row)]
             with self._fs.open(self.metrics_file_path, "w", newline="") as file:
                 writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
                 writer.writeheader()

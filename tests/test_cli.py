@@ -31,7 +31,7 @@ def last_val_acc(run: Path) -> float:
 
 def test_version_subprocess() -> None:
     out = subprocess.run([sys.executable, "-m", "qlight", "--version"], capture_output=True, text=True, check=True)
-    assert qlight.__version__ in out.stdout
+    assert out.stdout.strip() == f"qlight {qlight.__version__}"  # not "__main__.py qlight 0.1.0"
 
 
 def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:

@@ -145,12 +145,25 @@ def _find_folder_root(root: Path) -> Path | None:
 
 
 def _download(spec: CifarSpec, root: Path) -> None:
-    """Fetch torchvision's pickled archive into ``root``; network failures become a DatasetError."""
+    """Fetch torchvision's pickled archive into ``root``; network failures become a DatasetError.
+
+    A failed download leaves nothing behind: the partial archive and the folders created for it are
+    removed, so the next run does not find an empty ``root`` and report it as holding no data.
+    """
     rank_zero_info(f"Downloading {spec.title} from {spec.url} into {root}")
+    created = [p for p in (root, *root.parents) if not p.exists()]
+    archive_existed = (root / spec.archive).exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
         tv_utils.download_and_extract_archive(spec.url, str(root), filename=spec.archive, md5=spec.md5)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError on md5
+        if not archive_existed:
+            (root / spec.archive).unlink(missing_ok=True)
+        for folder in created:  # innermost first; only folders this call made, and only if empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise DatasetError(
             f"could not download {spec.title} from {spec.url} into {root}: {err}. On a machine without "
             f"internet, fetch {spec.archive} elsewhere and extract it into {root}, or point root at an "

@@ -19,10 +19,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from qlight.checkpoints import read_checkpoint
 from qlight.models import build_model
 from qlight.models.resnet_cifar import ShortcutA
 from qlight.quant import QuantAct, QuantSpec, TensorQuantizer, clamp_alphas_, param_groups, quantize_model
-from qlight.tasks.logging import step_logging_due
+from qlight.tasks.logging import step_logging_due, step_values_written
 from qlight.tasks.loss_window import LossWindow
 from qlight.tasks.optim import fast_kernels, merge_groups, relayout_checkpoint
 
@@ -157,6 +158,9 @@ class ImageClassifier(LightningModule):
         # train/loss is the mean over the steps since it was last logged, and a non-finite loss stops
         # the run naming its step: both read from this device buffer only when the logs are written
         self._train_losses = LossWindow()
+        # the epoch's last window when Lightning does not write that step (e.g. epochs shorter than
+        # log_every_n_steps): logged at epoch end
+        self._unwritten_loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
     def configure_model(self) -> None:
@@ -179,11 +183,9 @@ class ImageClassifier(LightningModule):
         unless the checkpoint carries them.
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"model.init_from={str(path)!r}: no such checkpoint file")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-        hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+        ckpt = read_checkpoint(path, "model.init_from", lightning=False)  # weights_only, one-line errors
+        state = ckpt.get("state_dict", ckpt)
+        hparams = ckpt.get("hyper_parameters")
         if isinstance(hparams, dict) and self._shortcuts():
             pad = (hparams.get("model_kwargs") or {}).get("shortcut_pad", "symmetric")
             if self._shortcut_pad_explicit and pad != self._shortcuts()[0].pad:
@@ -193,8 +195,6 @@ class ImageClassifier(LightningModule):
                     "checkpoint's, or initialise from a checkpoint with the same placement"
                 )
             self._use_shortcut_pad(pad, f"model.init_from={str(path)!r}")
-        if not isinstance(state, dict):
-            raise TypeError(f"model.init_from={str(path)!r} holds neither a Lightning checkpoint nor a state_dict")
         state = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith(("_", "train_", "val_", "test_"))}
         own = self.model.state_dict()
         unknown = sorted(k for k in state if k not in own)
@@ -329,11 +329,17 @@ class ImageClassifier(LightningModule):
         if window.count:
             bad_step = window.first_nonfinite(self.trainer.accumulate_grad_batches)
             if bad_step is not None:
+                precision = str(self.trainer.precision)
+                full = precision in ("32", "32-true", "64", "64-true")
                 raise NonFiniteLossError(
                     f"training loss became non-finite at global step {bad_step} (epoch {self.current_epoch}); "
-                    "lower the learning rate, check the data, or try precision=32"
+                    "lower the learning rate or check the data"
+                    + ("" if full else f" (or train in full precision: the run uses precision={precision}; "
+                       "try --trainer.precision 32-true)")
                 )
-            self.log("train/loss", window.mean())
+            mean_loss = window.mean()
+            self.log("train/loss", mean_loss, prog_bar=True)
+            self._unwritten_loss = None if step_values_written(self.trainer) else mean_loss
         window.reset(self.global_step + 1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -344,6 +350,9 @@ class ImageClassifier(LightningModule):
             clamp_alphas_(self.quant_acts)
 
     def on_train_epoch_end(self) -> None:
+        if self._unwritten_loss is not None:  # e.g. epochs shorter than log_every_n_steps
+            self.log("train/loss", self._unwritten_loss, prog_bar=True)
+            self._unwritten_loss = None
         if self._train_seen:
             seen = torch.tensor([self._train_seen], device=self._train_hits.device)
             counts = self.trainer.strategy.reduce(torch.cat([self._train_hits, seen]), reduce_op="sum").double()
@@ -366,7 +375,10 @@ class ImageClassifier(LightningModule):
         more per step than the model's forward for small CIFAR networks.
         """
         if any(m.update_called for m in metrics.values()):
-            self.log_dict(metrics.compute())
+            values = metrics.compute()
+            acc1 = f"{metrics.prefix}acc1"
+            self.log(acc1, values.pop(acc1), prog_bar=acc1 == "val/acc1")
+            self.log_dict(values)
         metrics.reset()
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> None:

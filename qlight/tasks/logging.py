@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from lightning.pytorch import Trainer
 
-__all__ = ["step_logging_due"]
+__all__ = ["step_logging_due", "step_values_written"]
 
 
 def step_logging_due(trainer: Trainer, batch_idx: int) -> bool:
@@ -26,3 +26,9 @@ def step_logging_due(trainer: Trainer, batch_idx: int) -> bool:
         return False
     connector = getattr(trainer, "_logger_connector", None)
     return last or connector is None or connector.should_update_logs
+
+
+def step_values_written(trainer: Trainer) -> bool:
+    """Whether Lightning writes the values logged ``on_step`` in the current training step."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return connector is None or connector.should_update_logs
