@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import qlight
 from qlight.cli import main
@@ -116,10 +117,11 @@ def test_nonfinite_advice_suggests_full_precision_only_when_not_already(precisio
     from qlight.tasks import ImageClassifier, NonFiniteLossError
 
     task = ImageClassifier(model="resnet20")
-    task._trainer = SimpleNamespace(precision=precision, current_epoch=2)  # type: ignore[assignment]
-    task._nonfinite_step.fill_(7)
+    task._trainer = SimpleNamespace(precision=precision, current_epoch=2, accumulate_grad_batches=1)  # type: ignore[assignment]
+    task._train_losses.reset(first_step=7)
+    task._train_losses.record(torch.tensor(float("nan")))
     with pytest.raises(NonFiniteLossError, match="global step 7 \\(epoch 2\\)") as info:
-        task._raise_if_nonfinite()
+        task._log_train_loss()
     assert ("32-true" in str(info.value)) is advice
     assert ("precision" in str(info.value)) is advice
 
