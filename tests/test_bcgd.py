@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from qlight.callbacks import BCGD, BinaryRelax
-from qlight.callbacks.bcgd import rho_at, training_weight
+from qlight.callbacks.bcgd import rho_at
 from qlight.cli import main
 from qlight.models import list_models, register_model
 from qlight.quant import QuantAct, QuantSpec, quant_acts, quant_layers
@@ -269,7 +269,7 @@ class StepRecorder(Callback):
             {
                 "w": [p.detach().clone() for p in q],
                 "g": [p.grad.clone() for p in q],
-                "G": [training_weight(m) for _, m in quant_layers(pl_module)],
+                "G": [m.training_weight() for _, m in quant_layers(pl_module)],
                 "fw": [p.detach().clone() for p in f],
                 "fg": [p.grad.clone() for p in f],
             }
@@ -318,7 +318,7 @@ def test_forward_weight_is_hard_quantization_without_relaxation() -> None:
     """Without BinaryRelax the blend target G is exactly Q(w) (mix = 1)."""
     task = make_task()
     for _, layer in quant_layers(task):
-        assert torch.equal(training_weight(layer), layer.quantized_weight())
+        assert torch.equal(layer.training_weight(), layer.quantized_weight())
 
 
 def test_rho_zero_is_binaryconnect_exactly() -> None:

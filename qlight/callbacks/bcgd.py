@@ -26,7 +26,7 @@ from torch import Tensor
 
 from qlight.quant import QuantConv2d, QuantLinear, quant_layers
 
-__all__ = ["BCGD", "blend_", "blend_all_", "rho_at", "training_weight", "weight_quantized_layers"]
+__all__ = ["BCGD", "blend_", "blend_all_", "rho_at", "weight_quantized_layers"]
 
 
 def rho_at(epoch: int, rho: float, rho_growth: float = 1.0, rho_max: float = 0.01) -> float:
@@ -41,15 +41,6 @@ def rho_at(epoch: int, rho: float, rho_growth: float = 1.0, rho_max: float = 0.0
     except OverflowError:
         value = math.inf
     return min(value, rho_max)
-
-
-def training_weight(layer: QuantConv2d | QuantLinear) -> Tensor:
-    """The kernel the layer's training forward used: ``lerp(w, Q(w), mix)`` (= Q(w) at mix = 1).
-
-    See :meth:`qlight.quant.QuantConv2d.training_weight`: the tensor kept from the forward when the weight is
-    unchanged since, else the same expression recomputed (BinaryRelax sets ``mix = eta / (1 + eta)``).
-    """
-    return layer.training_weight()
 
 
 def blend_(weight: Tensor, target: Tensor, rho: Tensor | float) -> None:

@@ -258,14 +258,37 @@ class TensorQuantizer(nn.Module):
         self._training_value = None
         self._training_key = None
 
+    def _relaxed(self, xd: Tensor, x_q: Tensor) -> Tensor:
+        """``lerp(x, Q(x), mix)``, the training value of built-in estimators (``Q(x)`` itself when mix is known 1)."""
+        return x_q if self._mix_is_one() else torch.lerp(xd, x_q, self.mix.to(xd.dtype))
+
+    def _has_own_forward(self) -> bool:
+        return type(self.estimator).forward is not Estimator.forward
+
+    def forward_value(self, x: Tensor, fresh: bool = False) -> Tensor:
+        """The value the training forward gives for ``x``, without gradient, in ``x``'s dtype.
+
+        The tensor kept from the last training forward when it is still valid (:meth:`training_value`), else
+        recomputed from ``x`` the way :meth:`forward` computes it, so both give the same bits, for every estimator
+        (an estimator with its own ``forward`` is called on the detached tensors).
+        """
+        kept = self.training_value(x, fresh)
+        if kept is not None:
+            return kept
+        with torch.no_grad():
+            xd = _fp(x.detach())
+            x_q = self._q(xd)
+            value = self.estimator(xd, x_q, self.mix) if self._has_own_forward() else self._relaxed(xd, x_q)
+        return value.to(x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         xf = _fp(x)
         xd = xf.detach()
         x_q = self._q(xd)
         if self.training:
             estimator = self.estimator
-            if type(estimator).forward is Estimator.forward:
-                value = x_q if self._mix_is_one() else torch.lerp(xd, x_q, self.mix.to(xd.dtype))
+            if not self._has_own_forward():
+                value = self._relaxed(xd, x_q)
                 y = straight_through(xf, value, estimator, self.mix)
             else:  # an estimator with its own forward (e.g. the detach trick)
                 y = estimator(xf, x_q, self.mix)
@@ -317,18 +340,11 @@ class _WeightQuantized:
 
         When the quantizer keeps its training value (``weight_quantizer.keep_training_value``, switched on by
         BCGD and BinaryRelax) and the weight is unchanged since the last training forward, this is that exact
-        tensor, at no cost. Otherwise it is recomputed from the current weight with the same expression the
-        forward uses, so both ways give the same bits. ``fresh`` is passed on to
+        tensor, at no cost. Otherwise it is recomputed from the current weight the way the forward computes it
+        (:meth:`TensorQuantizer.forward_value`), so both ways give the same bits. ``fresh`` is passed on to
         :meth:`TensorQuantizer.training_value` (for values kept by a compiled forward).
         """
-        kept = self.weight_quantizer.training_value(self.weight, fresh)
-        if kept is not None:
-            return kept
-        quantizer = self.weight_quantizer
-        w = _fp(self.weight.detach())
-        with torch.no_grad():
-            value = torch.lerp(w, quantizer._q(w), quantizer.mix.to(w.dtype))
-        return value.to(self.weight.dtype)
+        return self.weight_quantizer.forward_value(self.weight, fresh)
 
 
 class QuantConv2d(_WeightQuantized, nn.Conv2d):
