@@ -15,7 +15,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
@@ -81,6 +81,11 @@ def wandb_logged_in() -> bool:
         return False
 
 
+#: ``auto``: offline unless logged in to W&B (``WANDB_MODE`` wins), else the named mode
+WandbMode = Literal["auto", "online", "offline", "disabled"]
+WANDB_MODES: tuple[WandbMode, ...] = get_args(WandbMode)
+
+
 class WandbLogger(_WandbLogger):
     """Lightning's W&B logger with automatic online/offline choice and derived names.
 
@@ -101,15 +106,15 @@ class WandbLogger(_WandbLogger):
     def __init__(
         self,
         project: str = "qlight",
-        mode: Literal["auto", "online", "offline", "disabled"] = "auto",
+        mode: WandbMode = "auto",
         name: str | None = None,
         group: str | None = None,
         tags: list[str] | None = None,
         save_dir: str = "logs",
         **kwargs: Any,
     ) -> None:
-        if mode not in ("auto", "online", "offline", "disabled"):
-            raise ValueError(f"WandbLogger.mode={mode!r}; valid: ['auto', 'online', 'offline', 'disabled']")
+        if mode not in WANDB_MODES:
+            raise ValueError(f"WandbLogger.mode={mode!r}; valid: {list(WANDB_MODES)}")
         if mode == "auto":
             env_mode = os.environ.get("WANDB_MODE")
             mode = "offline" if env_mode in ("offline", "dryrun") or not wandb_logged_in() else "online"

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from qlight.quant import functional as QF
+from qlight.quant.checks import check_choice
 from qlight.quant.layers import QuantAct, QuantHardtanh
 
 __all__ = [
@@ -87,7 +88,7 @@ class ReluQuantOp(nn.Module):
 
     def __init__(self, alpha: Tensor, bits: int, mode: str) -> None:
         super().__init__()
-        QF.check_choice("mode", mode, ("ceil", "round"))
+        check_choice("mode", mode, QF.ACT_MODES)
         self.levels = 2**bits - 1
         self.mode = mode
         self.register_buffer("alpha", alpha.detach().float().reshape(()).clone())
@@ -136,7 +137,7 @@ class HardtanhQuantOp(nn.Module):
         thresholds: Sequence[float] = (),
     ) -> None:
         super().__init__()
-        QF.check_choice("quantizer", quantizer, HARDTANH_QUANTIZERS)
+        check_choice("quantizer", quantizer, HARDTANH_QUANTIZERS)
         self.quantizer = quantizer
         self.min_val = float(min_val)
         self.max_val = float(max_val)

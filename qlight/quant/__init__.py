@@ -12,6 +12,7 @@ Modules: :mod:`~qlight.quant.functional` (hard quantizers, closed forms), :mod:`
 :mod:`~qlight.quant.policy` (QuantSpec, quantize_model, parameter groups and callback helpers).
 """
 
+from .checks import QuantArgError
 from .estimators import (
     ALPHA_RULES,
     ESTIMATORS,
@@ -81,6 +82,7 @@ __all__ = [
     "QuantConv2d",
     "QuantHardtanh",
     "QuantLinear",
+    "QuantArgError",
     "QuantSpec",
     "QuantizerDef",
     "TensorQuantizer",

@@ -23,12 +23,12 @@ The BCGD quantized-ReLU coarse gradients live in :mod:`qlight.quant.quant_relu`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor, nn
 
-from .functional import check_choice
+from .checks import Arg, ChoiceError, QuantArgError, check_choice, check_that
 from .quant_relu import ALPHA_RULES, X_RULES, alpha_grad_factor, quant_relu, x_grad_mask
 
 __all__ = [
@@ -77,17 +77,22 @@ def list_estimators() -> list[str]:
 def get_estimator(name: str) -> type[Estimator]:
     """Estimator class registered as ``name``; ``ValueError`` listing the valid names otherwise."""
     if name not in ESTIMATORS:
-        raise ValueError(f"estimator={name!r} is not registered; valid: {list_estimators()}")
+        raise ChoiceError("estimator", name, list_estimators(), problem="is not registered")
     return ESTIMATORS[name]
 
 
 def build_estimator(name: str, **kwargs: object) -> Estimator:
-    """Instantiate the estimator ``name`` with ``kwargs``; bad keyword names raise a ``ValueError``."""
+    """Instantiate the estimator ``name`` with ``kwargs``; bad names or values raise a :class:`QuantArgError`."""
     cls = get_estimator(name)
     try:
         return cls(**kwargs)  # type: ignore[arg-type]
-    except TypeError as err:
-        raise ValueError(f"bad estimator_kwargs for estimator={name!r}: {err}") from err
+    except TypeError as err:  # a keyword the estimator does not take
+        error = QuantArgError(
+            Arg("estimator_kwargs"), f"={dict(kwargs)!r}: bad estimator_kwargs for estimator={name!r}: {err}"
+        )
+    except ValueError as err:  # a value the estimator rejects
+        error = QuantArgError(Arg("estimator_kwargs"), f"={dict(kwargs)!r}: {err}")
+    raise error  # outside the except clause: this line is the whole story
 
 
 def _as_tensor(v: Tensor | float, like: Tensor) -> Tensor:
@@ -181,8 +186,7 @@ class ClippedSTE(Estimator):
 
     def __init__(self, clip: float = 1.0) -> None:
         super().__init__()
-        if not clip > 0:
-            raise ValueError(f"clip={clip!r} must be > 0")
+        check_that(clip > 0, "clip", clip, "must be > 0")
         self.clip = float(clip)
 
     def input_grad(self, x: Tensor, g: Tensor, mix: Tensor) -> Tensor:
@@ -190,6 +194,10 @@ class ClippedSTE(Estimator):
 
     def extra_repr(self) -> str:
         return f"clip={self.clip}"
+
+
+#: AQE's backward rules (:class:`AQEEstimator`)
+BackwardRule = Literal["eq18", "alg1", "autograd"]
 
 
 @register_estimator("aqe")
@@ -205,13 +213,12 @@ class AQEEstimator(Estimator):
     ``eq18`` and ``alg1`` coincide at α = 1/2; ``autograd`` is half of them there ((1 − α) = 1/2).
     """
 
-    RULES = ("eq18", "alg1", "autograd")
+    RULES: tuple[BackwardRule, ...] = get_args(BackwardRule)
 
-    def __init__(self, backward_rule: str = "eq18", clip: float = 1.0) -> None:
+    def __init__(self, backward_rule: BackwardRule = "eq18", clip: float = 1.0) -> None:
         super().__init__()
         check_choice("backward_rule", backward_rule, self.RULES)
-        if not clip > 0:
-            raise ValueError(f"clip={clip!r} must be > 0")
+        check_that(clip > 0, "clip", clip, "must be > 0")
         self.backward_rule = backward_rule
         self.clip = float(clip)
 
@@ -243,8 +250,7 @@ class EDEEstimator(Estimator):
 
     def __init__(self, t: float = 0.1, k: float | None = None) -> None:
         super().__init__()
-        if not t > 0:
-            raise ValueError(f"t={t!r} must be > 0")
+        check_that(t > 0, "t", t, "must be > 0")
         self.register_buffer("t", torch.tensor(float(t)))
         self.register_buffer("k", torch.tensor(float(k) if k is not None else max(1.0 / float(t), 1.0)))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from . import functional as QF
 from .estimators import Estimator, build_estimator, straight_through
-from .functional import _fp, check_choice
-from .quant_relu import ALPHA_RULES, MODES, X_RULES, QuantReLUFunction, quant_relu_table
+from .checks import Arg, ChoiceError, QuantArgError, check_choice, check_that
+from .functional import ACT_BITS, ACT_MODES, _fp
+from .quant_relu import ALPHA_RULES, X_RULES, QuantReLUFunction, quant_relu_table
 
 __all__ = [
     "BIT_ALPHA",
@@ -44,14 +45,21 @@ class QuantizerDef:
     """A named hard quantizer: ``fn(x, bits, per_channel, **kwargs) -> Q(x)`` and what it accepts.
 
     Use a module-level function for ``fn`` (not a lambda) so quantized models stay picklable.
+
+    Args:
+        fn: the hard quantizer.
+        bits: the bit-widths it supports.
+        default_bits: the bit-width used when none is given.
+        kwargs: the keyword arguments of ``fn`` a user may set (``quantizer_kwargs``).
+        scaled: whether ``Q(x)`` multiplies levels by a scale computed from ``x`` (so a scale per output
+            channel makes sense); unscaled quantizers map onto fixed levels such as {−1, +1}.
     """
 
     fn: Callable[..., Tensor]
     bits: tuple[int, ...]
     default_bits: int
-    kwargs: tuple[str, ...] = ()
-    per_channel: bool = True  # whether per-output-channel statistics make sense
-    doc: str = ""
+    kwargs: tuple[str, ...]
+    scaled: bool
 
 
 # Named module-level adapters (not lambdas) so modules holding a quantizer stay picklable (ddp_spawn,
@@ -86,15 +94,20 @@ def _q_pow2_unit(x: Tensor, bits: int, pc: bool, **kw: Any) -> Tensor:
 
 #: name -> hard quantizer definition. Extend with :func:`register_quantizer`.
 QUANTIZERS: dict[str, QuantizerDef] = {
-    "binary": QuantizerDef(_q_binary, (1,), 1, ("scale",), True, "δ·sign(w), δ = mean|w| (or median)"),
-    "ternary": QuantizerDef(
-        _q_ternary, (2,), 2, ("threshold", "scale"), True, "c·sign(w)·1{|w| ≥ 0.7·mean|w|}"
-    ),
-    "uniform": QuantizerDef(_q_uniform, QF.UNIFORM_BITS, 4, (), True, "c·{0, ±1, …, ±(2^(b−1)−1)}, LS scale"),
-    "pow2": QuantizerDef(_q_pow2, QF.POW2_BITS, 3, ("scale", "thresholds"), True, "c·{0, ±2^−k, ±1}"),
-    "sign": QuantizerDef(_q_sign, (1,), 1, (), False, "{−1, +1}"),
-    "ternary_unit": QuantizerDef(_q_ternary_unit, (2,), 2, ("delta",), False, "{−1, 0, 1}"),
-    "pow2_unit": QuantizerDef(_q_pow2_unit, QF.POW2_BITS, 3, ("thresholds",), False, "{0, ±2^−k, ±1}"),
+    # δ·sign(w), δ = mean|w| (or median)
+    "binary": QuantizerDef(fn=_q_binary, bits=(1,), default_bits=1, kwargs=("scale",), scaled=True),
+    # c·sign(w)·1{|w| ≥ 0.7·mean|w|}
+    "ternary": QuantizerDef(fn=_q_ternary, bits=(2,), default_bits=2, kwargs=("threshold", "scale"), scaled=True),
+    # c·{0, ±1, …, ±(2^(b−1)−1)}, least-squares scale
+    "uniform": QuantizerDef(fn=_q_uniform, bits=QF.UNIFORM_BITS, default_bits=4, kwargs=(), scaled=True),
+    # c·{0, ±2^−k, …, ±1}
+    "pow2": QuantizerDef(fn=_q_pow2, bits=QF.POW2_BITS, default_bits=3, kwargs=("scale", "thresholds"), scaled=True),
+    # {−1, +1}
+    "sign": QuantizerDef(fn=_q_sign, bits=(1,), default_bits=1, kwargs=(), scaled=False),
+    # {−1, 0, 1}
+    "ternary_unit": QuantizerDef(fn=_q_ternary_unit, bits=(2,), default_bits=2, kwargs=("delta",), scaled=False),
+    # {0, ±2^−k, …, ±1}
+    "pow2_unit": QuantizerDef(fn=_q_pow2_unit, bits=QF.POW2_BITS, default_bits=3, kwargs=("thresholds",), scaled=False),
 }
 
 
@@ -106,28 +119,28 @@ def register_quantizer(name: str, definition: QuantizerDef) -> None:
 
 
 def validate_quantizer(
-    quantizer: str, bits: int | None, per_channel: bool = False, kwargs: Mapping[str, Any] | None = None,
-    prefix: str = "",
+    quantizer: str, bits: int | None, per_channel: bool = False, kwargs: Mapping[str, Any] | None = None
 ) -> int:
     """Check a (quantizer, bits, per_channel, kwargs) combination; return the resolved bits.
 
-    Raises ``ValueError`` naming the argument, the value and the valid choices, e.g.
-    ``bits=3 is not supported by quantizer='binary'; valid: [1]``.
+    Raises a :class:`~qlight.quant.checks.QuantArgError` naming the argument, the value and the valid choices,
+    e.g. ``bits=3 is not supported by quantizer='binary'; valid: [1]``.
     """
-    check_choice(f"{prefix}quantizer", quantizer, sorted(QUANTIZERS))
+    check_choice("quantizer", quantizer, sorted(QUANTIZERS))
     d = QUANTIZERS[quantizer]
     b = d.default_bits if bits is None else bits
-    if b not in d.bits:
-        raise ValueError(f"{prefix}bits={b!r} is not supported by quantizer={quantizer!r}; valid: {list(d.bits)}")
-    if per_channel and not d.per_channel:
-        raise ValueError(
-            f"{prefix}per_channel=True is not supported by quantizer={quantizer!r} (it has no scale); "
-            f"per-channel quantizers: {sorted(k for k, v in QUANTIZERS.items() if v.per_channel)}"
+    check_choice("bits", b, d.bits, by=("quantizer", quantizer))
+    if per_channel and not d.scaled:
+        scaled = sorted(k for k, v in QUANTIZERS.items() if v.scaled)
+        raise QuantArgError(
+            Arg("per_channel"), "=True is not supported by ", Arg("quantizer"),
+            f"={quantizer!r} (it has no scale); valid: False, or a quantizer with a scale: {scaled}",
         )
     for k in kwargs or {}:
         if k not in d.kwargs:
-            raise ValueError(
-                f"{prefix}quantizer_kwargs key {k!r} is not accepted by quantizer={quantizer!r}; valid: {list(d.kwargs)}"
+            raise QuantArgError(
+                Arg("quantizer_kwargs"), f" key {k!r} is not accepted by ", Arg("quantizer"),
+                f"={quantizer!r}; valid: {list(d.kwargs)}",
             )
     return int(b)
 
@@ -184,8 +197,7 @@ class TensorQuantizer(nn.Module):
         self.quantizer = quantizer
         self.per_channel = bool(per_channel)
         self.quantizer_kwargs: dict[str, Any] = dict(quantizer_kwargs or {})
-        if not 0.0 <= float(mix) <= 1.0:
-            raise ValueError(f"mix={mix!r} must be in [0, 1]")
+        check_that(0.0 <= float(mix) <= 1.0, "mix", mix, "must be in [0, 1]")
         self.register_buffer("mix", torch.tensor(float(mix)))
         self.estimator_name = estimator
         self.estimator: Estimator = build_estimator(estimator, **dict(estimator_kwargs or {}))
@@ -196,7 +208,13 @@ class TensorQuantizer(nn.Module):
         self._mix_one_key: tuple[int, int] | None = None
         self._note_mix(float(mix))
         # dry run: bad quantizer_kwargs values fail here, at construction, not at the first forward
-        self._q(torch.linspace(-1.0, 1.0, 8).reshape(2, 4))
+        try:
+            self._q(torch.linspace(-1.0, 1.0, 8).reshape(2, 4))
+        except ChoiceError as err:  # e.g. scale='max' for binary: its choices are the quantizer's
+            error = err.within("quantizer", quantizer)
+        else:
+            return
+        raise error
 
     # ------------------------------------------------------------------ mix bookkeeping (host side)
     def _note_mix(self, value: float) -> None:
@@ -444,6 +462,11 @@ BIT_ALPHA: dict[int, float] = {
 }
 
 
+#: statistic of a batch that max-calibration sets α from (:attr:`QuantAct.calibrating`)
+CalibStat = Literal["absmax", "max"]
+CALIB_STATS: tuple[CalibStat, ...] = get_args(CalibStat)
+
+
 class QuantAct(nn.Module):
     """BCGD quantized ReLU ``σ(x; α)`` with a learnable scalar resolution ``alpha`` (``BCGD.md`` §2).
 
@@ -500,18 +523,16 @@ class QuantAct(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        check_choice("bits", bits, sorted(BIT_ALPHA))
-        check_choice("mode", mode, MODES)
+        check_choice("bits", bits, ACT_BITS)
+        check_choice("mode", mode, ACT_MODES)
         check_choice("x_rule", x_rule, X_RULES)
         check_choice("alpha_rule", alpha_rule, ALPHA_RULES)
-        check_choice("calib_stat", calib_stat, ("absmax", "max"))
+        check_choice("calib_stat", calib_stat, CALIB_STATS)
         if not 0 < alpha_min < alpha_max:
             raise ValueError(f"need 0 < alpha_min < alpha_max, got alpha_min={alpha_min!r}, alpha_max={alpha_max!r}")
-        if not rate_factor >= 0:
-            raise ValueError(f"rate_factor={rate_factor!r} must be >= 0")
+        check_that(rate_factor >= 0, "rate_factor", rate_factor, "must be >= 0")
         a0 = BIT_ALPHA[bits] if alpha_init is None else float(alpha_init)
-        if not a0 > 0:
-            raise ValueError(f"alpha_init={alpha_init!r} must be > 0")
+        check_that(a0 > 0, "alpha_init", alpha_init, "must be > 0")
         self.bits = int(bits)
         self.mode = mode
         self.x_rule = x_rule
