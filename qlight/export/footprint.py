@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from qlight.quant import quant_acts, quant_layers
-from qlight.quant.export import pack_weight
+from qlight.quant.packing import pack_weight
 from qlight.quant.layers import QuantAct, TensorQuantizer
 
 __all__ = ["Footprint", "footprint"]

@@ -2,7 +2,7 @@
 
 A qlight checkpoint holds float latent weights plus optimizer and schedule state (DESIGN.md,
 contract 5). This format keeps what inference needs: each quantized layer's weight as a level
-table and bit-packed indices (:func:`qlight.quant.export.pack_weight`), the remaining float state
+table and bit-packed indices (:func:`qlight.quant.packing.pack_weight`), the remaining float state
 (BatchNorm, biases, activation resolutions, float first/last layers), the architecture and
 quantization spec to rebuild the network, and its :class:`~qlight.export.contract.InputContract`.
 :func:`load_exported` returns an :class:`ExportedClassifier` whose outputs equal the checkpoint's
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from qlight.export.contract import InputContract
 from qlight.models import build_model
 from qlight.quant import QuantSpec, quant_layers, quantize_model
-from qlight.quant.export import freeze_weights, pack_weight, unpack_weight
+from qlight.quant.packing import freeze_weights, pack_weight, unpack_weight
 from qlight.tasks import ImageClassifier
 
 FORMAT = "qlight-quantized/2"

@@ -1,4 +1,4 @@
-"""Export: turn a quantization-aware model into the truly quantized one it stands for.
+"""Packing: the truly quantized weights a quantization-aware model stands for, frozen and bit-packed.
 
 During training a :class:`~qlight.quant.layers.QuantConv2d` keeps float *latent* weights and
 recomputes ``Q(w)`` every forward. For inference and storage only ``Q(w)`` matters, and it takes
