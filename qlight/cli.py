@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import qlight
 import qlight.callbacks
+from qlight._lightning_compat import summary_max_depth
 import qlight.data
 import qlight.loggers
 from qlight.callbacks.throughput import Throughput
@@ -114,7 +115,7 @@ class QlightCLI(LightningCLI):
         trainer = super()._instantiate_trainer(config, [*callbacks, *extra])
         if not verbose():
             trainer.callbacks = [
-                QuietModelSummary(max_depth=cb._max_depth) if type(cb) in (ModelSummary, RichModelSummary) else cb
+                QuietModelSummary(max_depth=summary_max_depth(cb)) if type(cb) in (ModelSummary, RichModelSummary) else cb
                 for cb in trainer.callbacks
             ]
         return trainer

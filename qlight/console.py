@@ -17,7 +17,8 @@ import warnings
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelSummary
-from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+from qlight._lightning_compat import format_summary_table
 
 __all__ = ["QuietModelSummary", "be_quiet", "set_verbose", "verbose"]
 
@@ -89,7 +90,7 @@ class QuietModelSummary(ModelSummary):
     ) -> None:
         if not total_flops:
             summary_data = [column for column in summary_data if column[0] != "FLOPs"]
-        table = _format_summary_table(
+        table = format_summary_table(
             total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, *summary_data
         )
         if not total_flops:

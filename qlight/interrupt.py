@@ -34,6 +34,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from qlight._lightning_compat import cluster_environment, set_stop_requested
+
 __all__ = ["Interrupted", "StopOnSignal", "exit_status", "immediate_stop_handlers", "lightning_handles_signals",
            "restore_handlers"]
 
@@ -84,7 +86,7 @@ def restore_handlers(previous: dict[int, Any]) -> None:
 def lightning_handles_signals(trainer: Trainer) -> bool:
     """SLURM auto-requeue (Lightning's SIGUSR1/SIGTERM handling) or several processes (DDP): then
     qlight leaves the signals to Lightning."""
-    environment = trainer._accelerator_connector.cluster_environment
+    environment = cluster_environment(trainer)
     slurm = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
     return slurm or trainer.world_size > 1
 
@@ -139,16 +141,16 @@ class StopOnSignal(Callback):
     ) -> None:
         # Lightning raises SIGTERMException once this step's hooks (and a due validation) are done
         if self.signum is not None:
-            trainer._signal_connector.received_sigterm = True
+            set_stop_requested(trainer, True)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # let a validation inside fit finish: with the flag set, Lightning stops it after one batch
         if self.signum is not None and trainer.state.fn == "fit":
-            trainer._signal_connector.received_sigterm = False
+            set_stop_requested(trainer, False)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.signum is not None and trainer.state.fn == "fit":
-            trainer._signal_connector.received_sigterm = True
+            set_stop_requested(trainer, True)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self.signum is None or not isinstance(exception, SIGTERMException):

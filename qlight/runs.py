@@ -26,6 +26,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from qlight._lightning_compat import existing_experiment, set_evaluated_position
 from qlight.checkpoints import read_checkpoint
 from qlight.loggers import CSVLogger, WandbLogger
 
@@ -138,8 +139,7 @@ class RunRecord(Callback):
             if here or _same_dir(state.get("dirpath"), callback.dirpath):
                 states[callback.state_key] = _rehome(state, str(callback.dirpath))
         if trainer.state.fn != "fit":
-            trainer.fit_loop.epoch_loop._batches_that_stepped = int(checkpoint.get("global_step", 0))
-            trainer.fit_loop.epoch_progress.current.completed = int(checkpoint.get("epoch", 0))
+            set_evaluated_position(trainer, int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", 0)))
 
 
 def _same_dir(a: str | None, b: str | os.PathLike[str]) -> bool:
@@ -179,6 +179,6 @@ def fit_summary(trainer: Trainer) -> str:
     if csv is not None:
         lines.append(f"  metrics: {os.path.join(csv.log_dir, 'metrics.csv')}")
     wandb = wandb_logger(trainer)
-    if wandb is not None and wandb._experiment is not None:
+    if wandb is not None and existing_experiment(wandb) is not None:
         lines.append(f"  W&B: {wandb.where()}")
     return "\n".join(lines)

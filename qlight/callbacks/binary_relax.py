@@ -24,7 +24,7 @@ from torch import Tensor
 
 from qlight.callbacks.bcgd import weight_quantized_layers
 from qlight.quant import TensorQuantizer
-from qlight.tasks.logging import step_logging_due
+from qlight._lightning_compat import step_logging_due
 
 __all__ = ["BinaryRelax", "relaxation_at"]
 

@@ -35,7 +35,7 @@ from qlight.quant import (
     quant_acts,
     quant_layers,
 )
-from qlight.tasks.logging import step_logging_due
+from qlight._lightning_compat import logged_step, step_logging_due
 
 __all__ = [
     "FIXED_TOP_LEVEL",
@@ -218,7 +218,7 @@ class QuantDiagnostics(Callback):
         last = batch_idx + 1 >= trainer.num_training_batches
         if not (last or (batch_idx + 1) % trainer.accumulate_grad_batches == 0):
             return False
-        return last or (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % self.every_n_steps == 0
+        return last or (logged_step(trainer) + 1) % self.every_n_steps == 0
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
@@ -378,7 +378,7 @@ class QuantDiagnostics(Callback):
     def _write(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """Hand the values to every logger at the step Lightning writes ``train/loss`` at."""
         self.latest = metrics
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = logged_step(trainer)
         row: dict[str, float] = {**metrics, "epoch": trainer.current_epoch}  # an int, as Lightning writes it
         for logger in trainer.loggers:
             logger.log_metrics(row, step=step)
@@ -396,6 +396,6 @@ class QuantDiagnostics(Callback):
         if self._acts:
             alphas = torch.stack([a.alpha.detach().float().clamp(a.alpha_min, a.alpha_max) for a in self._acts])
             data["diag/alpha_hist"] = wandb.Histogram(alphas.cpu().numpy())
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = logged_step(trainer)
         for logger in loggers:
             logger.experiment.log({**data, "trainer/global_step": step})

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from qlight.callbacks.schedules import Schedule
-from qlight.tasks.logging import step_logging_due
+from qlight._lightning_compat import step_logging_due
 
 __all__ = ["Knob", "ScheduledKnobs"]
 

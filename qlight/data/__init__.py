@@ -20,7 +20,6 @@ from qlight.data.sampling import (
     ResumableSampler,
     batch_seed,
     resumable_train_loader,
-    run_seed,
 )
 from qlight.data.sources import DatasetError
 
@@ -44,6 +43,5 @@ __all__ = [
     "random_crop_flip",
     "random_resized_crop_box",
     "resumable_train_loader",
-    "run_seed",
     "window_indices",
 ]

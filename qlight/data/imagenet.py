@@ -33,7 +33,8 @@ from torchvision.io import ImageReadMode, decode_image
 
 from qlight.data.augment import Normalizer
 from qlight.data.cifar import default_cache_dir
-from qlight.data.sampling import BatchGenerators, batch_seed, resumable_train_loader, run_seed
+from qlight._lightning_compat import run_seed
+from qlight.data.sampling import BatchGenerators, batch_seed, resumable_train_loader
 from qlight.data.sources import DatasetError, _save_atomic, stratified_subset
 
 __all__ = ["ImageFolderDataModule", "ImageFolderDataset", "ImageNetDataModule", "random_resized_crop_box"]

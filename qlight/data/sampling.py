@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import os
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -29,6 +28,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from qlight._lightning_compat import batches_finished, batches_started, run_seed
 from qlight.data.sources import DatasetError
 
 
@@ -102,7 +102,7 @@ class ResumableDataLoader(DataLoader):
             return {}
         done = 0
         if self.trainer is not None:
-            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            done = batches_finished(self.trainer)
         return {
             "epoch": sampler.epoch,
             "samples": done * (self.batch_size or 1) * sampler.num_replicas,
@@ -176,14 +176,9 @@ class BatchGenerators:
     def __call__(self, trainer: Trainer, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device)
-        position = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        position = batches_started(trainer)
         seed = batch_seed(run_seed(), trainer.global_rank, trainer.current_epoch, position)
         return self._generators[device].manual_seed(seed)
-
-
-def run_seed() -> int:
-    """The seed ``seed_everything`` set for this run (Lightning's convention; 0 when none was set)."""
-    return int(os.environ.get("PL_GLOBAL_SEED", "0"))
 
 
 def batch_seed(seed: int, rank: int, epoch: int, batch: int) -> int:

@@ -23,7 +23,7 @@ from qlight.checkpoints import read_checkpoint
 from qlight.models import build_model
 from qlight.models.resnet_cifar import ShortcutA
 from qlight.quant import QuantAct, QuantSpec, TensorQuantizer, clamp_alphas_, param_groups, quantize_model
-from qlight.tasks.logging import step_logging_due, step_values_written
+from qlight._lightning_compat import step_logging_due, step_values_written
 from qlight.tasks.loss_window import LossWindow
 from qlight.tasks.optim import fast_kernels, merge_groups, relayout_checkpoint
 
