@@ -38,7 +38,7 @@ from qlight.callbacks.throughput import Throughput
 from qlight.checkpoints import CheckpointError, model_differences, read_checkpoint
 from qlight.config_errors import QlightArgumentParser
 from qlight.console import QuietModelSummary, be_quiet, set_verbose, verbose
-from qlight.data import DatasetError
+from qlight.data import DatasetError, ImageDataModule
 from qlight.interrupt import (
     Interrupted,
     StopOnSignal,
@@ -48,6 +48,7 @@ from qlight.interrupt import (
     restore_handlers,
 )
 from qlight.loggers import CSVLogger, RunInfo, WandbLogger
+from qlight.protocols import NamedDataset, RunDescriber, TrainingMethod
 from qlight.runs import (
     RunCheckpoint,
     RunRecord,
@@ -78,7 +79,8 @@ class QlightSaveConfig(SaveConfigCallback):
                 config = self.parser.dump(self.config, skip_none=False, format="json")
                 run = logger.experiment
                 run.config.update({"qlight": json.loads(config)}, allow_val_change=True)
-                for key in ("val/acc1", f"val/acc{getattr(pl_module, 'top_k', 5)}"):
+                top_k = pl_module.top_k if isinstance(pl_module, ImageClassifier) else 5
+                for key in ("val/acc1", f"val/acc{top_k}"):
                     run.define_metric(key, summary="max")
 
 
@@ -175,9 +177,8 @@ class QlightCLI(LightningCLI):
     def _describe_run(self) -> None:
         info = describe_run(self.model, self.datamodule, self.trainer, self._get(self.config, "seed_everything"))
         for logger in self.trainer.loggers:
-            describe = getattr(logger, "describe_run", None)
-            if describe is not None:
-                describe(info)
+            if isinstance(logger, RunDescriber):
+                logger.describe_run(info)
 
     def _prepare(self, subcommand: str) -> None:
         """Name the run, find the checkpoint it continues, check that checkpoint against the config and
@@ -206,7 +207,8 @@ class QlightCLI(LightningCLI):
             where = Path(csv.root_dir) / (tag or "")
         else:  # no CSV run folder: Lightning's checkpoint folder
             callback = self.trainer.checkpoint_callback
-            where = Path(getattr(callback, "dirpath", None) or Path(self.trainer.default_root_dir) / "checkpoints")
+            dirpath = callback.dirpath if isinstance(callback, ModelCheckpoint) else None
+            where = Path(dirpath or Path(self.trainer.default_root_dir) / "checkpoints")
             found = find_last_checkpoint(where)
         if found is None:
             _note(f"--ckpt_path last: no checkpoint of this run under {where}/, so it starts from the beginning")
@@ -315,12 +317,17 @@ def _note(text: str) -> None:
         print(f"qlight: note: {text}", file=sys.stderr, flush=True)
 
 
-def describe_run(model: LightningModule, datamodule: LightningDataModule | None, trainer: Trainer, seed: Any) -> RunInfo:
+def describe_run(
+    model: LightningModule, datamodule: LightningDataModule | None, trainer: Trainer, seed: Any
+) -> RunInfo:
     """Dataset, architecture, method and bits of a configured experiment."""
-    dataset = getattr(datamodule, "dataset_name", None) or type(datamodule).__name__.removesuffix("DataModule").lower()
+    if isinstance(datamodule, NamedDataset):
+        dataset = datamodule.dataset_name
+    else:
+        dataset = type(datamodule).__name__.removesuffix("DataModule").lower()
     arch = str(model.hparams.get("model", type(model).__name__)).removeprefix("torchvision.")
-    spec = getattr(model, "quant_spec", None)
-    methods = [cb.method_name for cb in trainer.callbacks if getattr(cb, "method_name", None)]
+    spec = model.quant_spec if isinstance(model, ImageClassifier) else None
+    methods = [cb.method_name for cb in trainer.callbacks if isinstance(cb, TrainingMethod) and cb.method_name]
     if methods:
         method = methods[0]
     else:
@@ -423,7 +430,7 @@ def _build_cli(args: ArgsType, run: bool) -> QlightCLI:
     subcommand_kwargs = {sub: {"epilog": CLASS_HELP} for sub in ("fit", "validate", "test", "predict")}
     return QlightCLI(
         model_class=ImageClassifier,
-        datamodule_class=LightningDataModule,
+        datamodule_class=ImageDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,

@@ -66,11 +66,11 @@ def _known_classes(key: str) -> list[str]:
         return [n for n in dir(module) if not n.startswith("_") and inspect.isclass(getattr(module, n))
                 and issubclass(getattr(module, n), base) and getattr(module, n) is not base]
 
-    from lightning.pytorch import Callback, LightningDataModule, LightningModule
+    from lightning.pytorch import Callback, LightningModule
     from lightning.pytorch.loggers import Logger
 
     if key == "data":
-        return public(qlight.data, LightningDataModule)
+        return public(qlight.data, qlight.data.ImageDataModule)
     if key == "model":
         return public(qlight.tasks, LightningModule)
     if key.startswith("trainer.callbacks"):

@@ -29,7 +29,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from qlight._lightning_compat import batches_finished, batches_started, run_seed
-from qlight.data.sources import DatasetError
 
 
 class ResumableSampler(DistributedSampler):
@@ -128,26 +127,11 @@ class ResumableDataLoader(DataLoader):
 
 
 def resumable_train_loader(
-    dataset: Any,
-    batch_size: int,
-    trainer: Trainer | None,
-    source: str,
-    with_epoch: bool = False,
-    **options: Any,
+    dataset: Any, batch_size: int, trainer: Trainer | None, with_epoch: bool = False, **options: Any
 ) -> ResumableDataLoader:
     """The training loader of a DataModule: this rank's shard in (run seed, epoch) order, last
-    incomplete batch dropped, its position checkpointed by Lightning. ``options`` go to ``DataLoader``.
-
-    Raises:
-        DatasetError: the training set (read from ``source``) has less than one batch per device.
-    """
+    incomplete batch dropped, its position checkpointed by Lightning. ``options`` go to ``DataLoader``."""
     world_size = trainer.world_size if trainer is not None else 1
-    if len(dataset) < batch_size * world_size:
-        raise DatasetError(
-            f"the training set of {source} has {len(dataset)} images, fewer than one batch of {batch_size} "
-            f"per device on {world_size} device(s), so an epoch would have no steps; lower batch_size or "
-            "raise subset"
-        )
     sampler = ResumableSampler(
         dataset,
         num_replicas=world_size,
