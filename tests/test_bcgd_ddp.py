@@ -50,9 +50,8 @@ class RankAgreement(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # runs before the module's hook reduces its hit counters: the expected all-rank accuracy
-        hits = trainer.strategy.all_gather(pl_module._train_hits).sum(0)
-        seen = trainer.strategy.all_gather(torch.tensor(pl_module._train_seen)).sum()
-        self.expected_acc1.append(float(hits[0] / seen))
+        counts = trainer.strategy.all_gather(pl_module.train_stats.epoch_counts()).sum(0)  # [top-1, ..., seen]
+        self.expected_acc1.append(float(counts[0] / counts[-1]))
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.expected_acc1:  # the previous epoch's logged value counts both ranks' samples

@@ -365,10 +365,14 @@ def set_mix(model: nn.Module, value: float | Tensor, role: QuantizerRole = "all"
             q.set_mix(float(value))
 
 
-def set_calibrating(model: nn.Module, flag: bool) -> None:
-    """Switch max-calibration of every :class:`QuantAct` on or off (``QuantAct.calibrating``)."""
-    for _, m in quant_acts(model):
-        m.calibrating = bool(flag)
+def set_calibrating(model: nn.Module | list[QuantAct], flag: bool) -> None:
+    """Switch max-calibration of every :class:`QuantAct` on or off (``QuantAct.calibrating``).
+
+    ``model`` may also be the list of QuantActs (as the task keeps it, to skip the module walk).
+    """
+    acts = model if isinstance(model, list) else [m for _, m in quant_acts(model)]
+    for act in acts:
+        act.calibrating = bool(flag)
 
 
 @torch.no_grad()
