@@ -4,7 +4,7 @@ Training forward ``x̂ = α·h(x) + (1 − α)·x``, backward ``2α·g·1{|x| �
 :mod:`qlight.quant`), evaluation with ``h``; α follows the R1 ramp ``min(1, 0.5 + 0.5·e/100)`` by default;
 after every optimizer step the latent weights are clipped to [−1, 1] (Algorithm 1). The callback is both a
 :class:`~qlight.callbacks.knobs.ScheduledKnobs` (α) and a :class:`~qlight.callbacks.clip.LatentWeightClip`
-(the clip): their hooks cooperate through ``super()``.
+(the clip): their ``__init__`` and hooks cooperate through ``super()``, so neither forwards the other's.
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ class AQE(ScheduledKnobs, LatentWeightClip):
     def __init__(
         self, alpha: Schedule = AQE_R1, input_alpha: Schedule | None = None, clip_weights: bool = True
     ) -> None:
-        ScheduledKnobs.__init__(self)
-        LatentWeightClip.__init__(self, 1.0)
+        super().__init__(bound=1.0)  # ScheduledKnobs, then LatentWeightClip (the MRO), each once
         for name, s in (("alpha", alpha), ("input_alpha", input_alpha)):
             if s is not None and not 0.0 <= min(s.start, s.end) <= max(s.start, s.end) <= 1.0:
                 raise ValueError(f"AQE {name} must stay in [0, 1]; got start={s.start}, end={s.end}")

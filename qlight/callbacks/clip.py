@@ -47,7 +47,8 @@ class LatentWeightClip(Callback):
     #: whether finding no weight to clip is an error (a standalone clip is useless without them)
     requires_weights = True
 
-    def __init__(self, bound: float = 1.0) -> None:
+    def __init__(self, bound: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if not bound > 0:
             raise ValueError(f"LatentWeightClip bound={bound!r} must be > 0")
         self.bound = float(bound)

@@ -75,7 +75,8 @@ class ScheduledKnobs(Callback):
 
     method_name = ""
 
-    def __init__(self) -> None:
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # cooperative: a subclass may combine this with another base (AQE: the clip)
         self.knobs: list[Knob] = []
         self.current: dict[str, float] = {}
         self._per_step = False
