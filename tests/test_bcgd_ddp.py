@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import loader, make_task, make_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
-from test_bcgd import loader, make_task, make_trainer
 
 from qlight.callbacks import BCGD, BinaryRelax
 from qlight.quant import quant_acts, quant_layers
