@@ -115,8 +115,10 @@ def logged_step(trainer: Trainer) -> int:
 
 
 def batches_finished(trainer: Trainer) -> int:
-    """Training batches of the current epoch done so far (restored on a mid-epoch resume); in
-    ``on_train_batch_end`` the current batch counts as done."""
+    """Training batches of the current epoch done so far (restored on a mid-epoch resume).
+
+    In ``on_train_batch_end`` the current batch counts as done.
+    """
     return int(_read(trainer, "fit_loop.epoch_loop.batch_progress.current.processed"))
 
 

@@ -36,7 +36,7 @@ class CellKey:
 
     @property
     def bits(self) -> str:
-        """qlight's tag: ``w1a4``, or ``float`` when nothing is quantized."""
+        """Qlight's tag: ``w1a4``, or ``float`` when nothing is quantized."""
         if self.w_bits >= FLOAT_BITS and self.a_bits >= FLOAT_BITS:
             return "float"
         return f"w{self.w_bits}a{self.a_bits}"
@@ -120,7 +120,8 @@ def cell_key(config: dict[str, Any]) -> CellKey:
     """
     arch = _init_args(config.get("model")).get("model")
     if not isinstance(arch, str):
-        raise ValueError("config has no model.init_args.model (the architecture)")
+        # a ValueError, not a TypeError: the config's content is wrong, and callers report ValueErrors as such
+        raise ValueError("config has no model.init_args.model (the architecture)")  # noqa: TRY004
     w_bits, a_bits = config_bits(config)
     return CellKey(
         dataset=config_dataset(config),

@@ -28,12 +28,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Mo
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from typing_extensions import override
 
 import qlight
 import qlight.callbacks
-from qlight._lightning_compat import summary_max_depth
 import qlight.data
 import qlight.loggers
+from qlight._lightning_compat import summary_max_depth
 from qlight.callbacks.throughput import Throughput
 from qlight.checkpoints import CheckpointError, model_differences, read_checkpoint
 from qlight.config_errors import QlightArgumentParser
@@ -71,6 +72,7 @@ class QlightSaveConfig(SaveConfigCallback):
     papers report the best accuracy during training, and the W&B run table then shows that number.
     """
 
+    @override
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":  # evaluating a run's checkpoint must not replace the run's training config
             return
@@ -95,11 +97,14 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 class QlightCLI(LightningCLI):
-    """LightningCLI that always checkpoints on ``val/acc1``, names runs from the experiment and manages
-    a run's lifecycle (see the module doc)."""
+    """LightningCLI that checkpoints on ``val/acc1``, names runs and manages a run's lifecycle.
+
+    See the module doc.
+    """
 
     _checkpoint: dict[str, Any] | None = None
 
+    @override
     def instantiate_classes(self) -> None:
         """Instantiate, turning qlight's validation errors (wrapped by jsonargparse) into a ConfigError."""
         try:
@@ -110,6 +115,7 @@ class QlightCLI(LightningCLI):
                 raise ConfigError(str(cause)) from err
             raise
 
+    @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         extra: list[Callback] = [RunRecord()]
         if self.subcommand == "fit":
@@ -122,6 +128,7 @@ class QlightCLI(LightningCLI):
             ]
         return trainer
 
+    @override
     def _parse_ckpt_path(self) -> None:
         """Check the checkpoint files, right after parsing and before anything expensive.
 
@@ -143,6 +150,7 @@ class QlightCLI(LightningCLI):
         if init_from:
             read_checkpoint(init_from, "model.init_from", lightning=False)
 
+    @override
     def before_instantiate_classes(self) -> None:
         """Give a run with a :func:`~qlight.loggers.run_tag` its own ``default_root_dir`` (``logs/<tag>``).
 
@@ -157,6 +165,7 @@ class QlightCLI(LightningCLI):
         if tag and config.get("trainer") and not config["trainer"].get("default_root_dir"):
             config["trainer"]["default_root_dir"] = os.path.join("logs", tag)
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -181,8 +190,11 @@ class QlightCLI(LightningCLI):
                 logger.describe_run(info)
 
     def _prepare(self, subcommand: str) -> None:
-        """Name the run, find the checkpoint it continues, check that checkpoint against the config and
-        point the loggers and checkpoint folder at its run."""
+        """Name the run and continue the checkpoint's run, if one is given.
+
+        Finds the checkpoint it continues, checks that checkpoint against the config and points the loggers
+        and the checkpoint folder at its run.
+        """
         self._describe_run()
         config = self.config_init[subcommand]
         ckpt_path = config.get("ckpt_path")
@@ -198,8 +210,10 @@ class QlightCLI(LightningCLI):
             self._drop_lr_monitor_without_logger()
 
     def _find_last(self) -> Path | None:
-        """``--ckpt_path last``: the newest ``last.ckpt`` of this experiment's run folders (of the run
-        named by ``$QLIGHT_RUN_ID`` or the SLURM job, when one is set); ``None`` starts afresh."""
+        """``--ckpt_path last``: the newest ``last.ckpt`` of this experiment's run folders.
+
+        Of the run named by ``$QLIGHT_RUN_ID`` or the SLURM job, when one is set; ``None`` starts afresh.
+        """
         csv = csv_logger(self.trainer)
         if csv is not None:
             tag = qlight.loggers.run_tag()
@@ -230,8 +244,10 @@ class QlightCLI(LightningCLI):
             )
 
     def _continue_run(self, subcommand: str, ckpt_path: str, checkpoint: dict[str, Any]) -> None:
-        """Log into the checkpoint's run: its folder (``<run>/<subcommand>/`` when evaluating), its W&B
-        run and its checkpoint folder."""
+        """Log into the checkpoint's run.
+
+        Its folder (``<run>/<subcommand>/`` when evaluating), its W&B run and its checkpoint folder.
+        """
         run = run_dir_of(ckpt_path, checkpoint)
         if run is None:
             return
@@ -258,18 +274,23 @@ class QlightCLI(LightningCLI):
             _note("no logger (trainer.logger is false), so LearningRateMonitor is dropped: it needs one")
 
     def before_fit(self) -> None:
+        """Prepare the run (see :meth:`_prepare`); LightningCLI calls ``before_<subcommand>``."""
         self._prepare("fit")
 
     def before_validate(self) -> None:
+        """Prepare the run (see :meth:`_prepare`)."""
         self._prepare("validate")
 
     def before_test(self) -> None:
+        """Prepare the run (see :meth:`_prepare`)."""
         self._prepare("test")
 
     def before_predict(self) -> None:
+        """Prepare the run (see :meth:`_prepare`)."""
         self._prepare("predict")
 
     def after_fit(self) -> None:
+        """Print what the run produced (:func:`~qlight.runs.fit_summary`)."""
         if self.trainer.is_global_zero:
             print(fit_summary(self.trainer), flush=True)
 
@@ -279,12 +300,15 @@ class QlightCLI(LightningCLI):
             print(f"qlight: metrics: {os.path.join(csv.log_dir, 'metrics.csv')}", flush=True)
 
     def after_validate(self) -> None:
+        """Print where the metrics went."""
         self._say_where_metrics_went()
 
     def after_test(self) -> None:
+        """Print where the metrics went."""
         self._say_where_metrics_went()
 
     # ------------------------------------------------------------------ signals
+    @override
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; SIGTERM/SIGINT stop it as :class:`~qlight.interrupt.Interrupted` (see that module)."""
         context = "before training started; nothing to save" if subcommand == "fit" else ""
@@ -411,8 +435,11 @@ def console_main() -> None:
 
 
 def _finish_wandb(status: int) -> None:
-    """Close the W&B run before the interpreter exits: W&B's exit hook prints its closing lines with
-    ANSI colours even into a file, and marks a run stopped by a signal as finished."""
+    """Close the W&B run before the interpreter exits.
+
+    W&B's exit hook prints its closing lines with ANSI colours even into a file, and marks a run stopped
+    by a signal as finished.
+    """
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=status)

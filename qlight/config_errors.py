@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser
+from typing_extensions import override
 
 from qlight.console import verbose
 
@@ -158,6 +159,7 @@ def condense(message: str, parser: ArgumentParser | None = None) -> str:
 class QlightArgumentParser(LightningArgumentParser):
     """LightningArgumentParser whose errors are one ``qlight: error:`` line and exit status 2."""
 
+    @override
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         from jsonargparse._common import debug_mode_active  # private, but stable since jsonargparse 4.x
 

@@ -17,6 +17,7 @@ import warnings
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelSummary
+from typing_extensions import override
 
 from qlight._lightning_compat import format_summary_table
 
@@ -44,6 +45,7 @@ def set_verbose(on: bool) -> None:
 
 
 class _DropTips(logging.Filter):
+    @override
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.getMessage()).startswith(_QUIET_LOG_PREFIXES)
 
@@ -88,6 +90,7 @@ class QuietModelSummary(ModelSummary):
         total_flops: int = 0,
         **summarize_kwargs: Any,
     ) -> None:
+        """Log the summary table, without FLOPs when they are unknown."""
         if not total_flops:
             summary_data = [column for column in summary_data if column[0] != "FLOPs"]
         table = format_summary_table(

@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from typing_extensions import override
 
 from qlight._lightning_compat import (
     existing_experiment,
@@ -58,6 +59,7 @@ class RunInfo:
 
     @property
     def tags(self) -> list[str]:
+        """W&B tags: method, bits, dataset, architecture."""
         return [self.method, self.bits, self.dataset, self.arch]
 
 
@@ -148,10 +150,13 @@ class WandbLogger(_WandbLogger):
             init.pop("anonymous", None)
 
     @property
+    @override
     @rank_zero_experiment
     def experiment(self) -> Any:
-        """The W&B run, created on first use; when W&B itself is silenced (``WANDB_SILENT``, qlight's
-        default) one line says where the run lives."""
+        """The W&B run, created on first use.
+
+        When W&B itself is silenced (``WANDB_SILENT``, qlight's default), one line says where the run lives.
+        """
         created = existing_experiment(self) is None
         run = super().experiment
         if created and self.mode != "disabled" and os.environ.get("WANDB_SILENT", "").lower() == "true":
@@ -205,7 +210,7 @@ class CSVLogger(_CSVLogger):
 
     def __init__(
         self, save_dir: str = "logs", name: str | None = None, version: int | str | None = None, **kwargs: Any
-    ):
+    ) -> None:
         self._continued = version is None and run_tag() is not None
         if version is None:
             version = run_tag()
@@ -217,9 +222,12 @@ class CSVLogger(_CSVLogger):
         if self._auto_name and existing_experiment(self) is None:
             set_logger_name(self, f"{info.group}/{info.name}")
 
+    @override
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
-        """Write the buffered rows with every checkpoint (Lightning flushes only every 100 steps), so a run
-        killed later and resumed from that checkpoint keeps every metric logged before it."""
+        """Write the buffered rows with every checkpoint (Lightning flushes only every 100 steps).
+
+        A run killed later and resumed from that checkpoint then keeps every metric logged before it.
+        """
         self.save()
 
     def continue_in(self, log_dir: str | os.PathLike[str], replace: Literal["later", "same"] = "later") -> None:
@@ -237,6 +245,7 @@ class CSVLogger(_CSVLogger):
         self._replace = replace
 
     @property
+    @override
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         """Lightning's writer; for a continued run (a :func:`run_tag`) one that keeps the earlier rows."""
@@ -264,12 +273,14 @@ class ContinuedExperimentWriter(ExperimentWriter):
         self._replace = replace
         super().__init__(log_dir)
 
+    @override
     def _check_log_dir_exists(self) -> None:
         if logger_filesystem(self).isfile(self.metrics_file_path):
             with logger_filesystem(self).open(self.metrics_file_path, "r", newline="") as file:
                 self.metrics_keys = sorted(csv.DictReader(file).fieldnames or [])
             self._resume_pending = True
 
+    @override
     def save(self) -> None:
         if self._resume_pending and self.metrics:
             steps = {int(m["step"]) for m in self.metrics}

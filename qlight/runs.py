@@ -25,6 +25,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
 
 from qlight._lightning_compat import existing_experiment, set_evaluated_position
 from qlight.checkpoints import read_checkpoint
@@ -80,14 +81,17 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     @property
+    @override
     def state_key(self) -> str:
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         due = not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer)
         super().on_train_epoch_end(trainer, pl_module)
         self._save_last_if_missed(trainer, due)
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         due = not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer)
         super().on_validation_end(trainer, pl_module)
@@ -121,6 +125,7 @@ class RunRecord(Callback):
     checkpoint, the metrics are logged at its step and epoch rather than at 0.
     """
 
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         csv, wandb = csv_logger(trainer), wandb_logger(trainer)
         checkpoint[IDENTITY_KEY] = {
@@ -128,6 +133,7 @@ class RunRecord(Callback):
             "wandb_id": wandb.version if wandb is not None else None,
         }
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         loaded = trainer.ckpt_path
         states = checkpoint.get("callbacks") or {}
@@ -162,8 +168,11 @@ def _rehome(state: dict[str, Any], dirpath: str) -> dict[str, Any]:
 
 
 def fit_summary(trainer: Trainer) -> str:
-    """What a finished ``fit`` produced, in a few lines: best ``val/acc1`` and its epoch, the best and
-    last checkpoints, ``metrics.csv`` and the W&B run (its URL, or how to upload an offline run)."""
+    """What a finished ``fit`` produced, in a few lines.
+
+    The best ``val/acc1`` and its epoch, the best and last checkpoints, ``metrics.csv`` and the W&B run (its
+    URL, or how to upload an offline run).
+    """
     lines = [f"qlight: fit done: {trainer.current_epoch} epoch(s), {trainer.global_step} step(s)"]
     callback = trainer.checkpoint_callback
     if isinstance(callback, ModelCheckpoint):

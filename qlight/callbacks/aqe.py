@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from lightning.pytorch import LightningModule
 from torch import Tensor
+from typing_extensions import override
 
 from qlight.callbacks.clip import LatentWeightClip
 from qlight.callbacks.knobs import Knob, ScheduledKnobs
@@ -53,12 +54,14 @@ class AQE(ScheduledKnobs, LatentWeightClip):
         self.input_alpha = input_alpha
         self.clip_weights = clip_weights
 
+    @override
     def schedules(self) -> dict[str, Schedule]:
         out = {"alpha": self.alpha}
         if self.input_alpha is not None:
             out["alpha_input"] = self.input_alpha
         return out
 
+    @override
     def build_knobs(self, pl_module: LightningModule) -> list[Knob]:
         def knob(name: str, schedule: Schedule, role: str) -> Knob:
             quantizers = [
@@ -71,6 +74,7 @@ class AQE(ScheduledKnobs, LatentWeightClip):
             return [knob("alpha", self.alpha, "all")]
         return [knob("alpha", self.alpha, "weight"), knob("alpha_input", self.input_alpha, "act")]
 
+    @override
     def select(self, pl_module: LightningModule) -> list[Tensor]:
         """Clip only the layers whose weight quantizer uses the ``aqe`` estimator (none without ``clip_weights``)."""
         if not self.clip_weights:
@@ -81,6 +85,7 @@ class AQE(ScheduledKnobs, LatentWeightClip):
             if isinstance(layer.weight_quantizer.estimator, AQEEstimator)
         ]
 
+    @override
     def _nothing_to_control(self, pl_module: LightningModule) -> str:
         return (
             f"AQE found no quantizer with the 'aqe' estimator in {type(pl_module).__name__}; set "

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from qlight.quant import QuantConv2d, QuantLinear, quant_layers
 
@@ -109,6 +110,7 @@ class BCGD(Callback):
         self._weights: list[Tensor] = []
         self._weight_keys: list[tuple[int, int]] | None = None
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":  # only training blends or relaxes
             return
@@ -117,6 +119,7 @@ class BCGD(Callback):
         for layer in self._layers:  # the blend targets the exact tensor each training forward used
             layer.weight_quantizer.keep_training_value = True
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for layer in self._layers:
             layer.weight_quantizer.keep_training_value = False
@@ -130,14 +133,17 @@ class BCGD(Callback):
             self._rho = torch.zeros((), device=device, dtype=dtype)
         self._rho.fill_(self.value)
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # also covers a mid-epoch resume, where on_train_epoch_start does not run
         self._update(trainer, pl_module)
         self._logged_epoch = None
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._update(trainer, pl_module)
 
+    @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -150,6 +156,7 @@ class BCGD(Callback):
             pl_module.log("bcgd/rho", self._rho, on_step=False, on_epoch=True, batch_size=1)
             self._logged_epoch = trainer.current_epoch
 
+    @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -173,9 +180,11 @@ class BCGD(Callback):
             targets = [layer.training_weight(fresh=unchanged) for layer in self._layers]
             blend_all_(self._weights, targets, self.value)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"rho": self.rho, "rho_growth": self.rho_growth, "rho_max": self.rho_max, "value": self.value}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = (state_dict["rho"], state_dict["rho_growth"], state_dict["rho_max"])
         if saved != (self.rho, self.rho_growth, self.rho_max):

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from qlight.data.augment import Normalizer
 from qlight.data.sampling import BatchGenerators, ResumableDataLoader, resumable_train_loader
@@ -162,6 +163,7 @@ class ImageDataModule(LightningDataModule):
         """Randomly augment a uint8 training batch on its device, drawing from ``generator``."""
         raise NotImplementedError
 
+    @override
     def on_after_batch_transfer(
         self, batch: tuple[Tensor, Tensor], dataloader_idx: int
     ) -> tuple[Tensor, Tensor]:

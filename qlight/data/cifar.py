@@ -8,11 +8,13 @@ source and machine; see :mod:`qlight.data.sources`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from qlight.data.augment import random_crop_flip
 from qlight.data.base import DatasetError, ImageDataModule, load_cached
@@ -148,10 +150,12 @@ class CIFARDataModule(ImageDataModule):
             test_subset=self.test_subset,
         )
 
+    @override
     def prepare_data(self) -> None:
         """Download (if asked) and decode into the cache; Lightning runs this on one process per node."""
         self._cache_file()
 
+    @override
     def setup(self, stage: str) -> None:
         """Load the cached tensors and build the train, validation and test sets."""
         if self.train_dataset is not None:
@@ -173,23 +177,30 @@ class CIFARDataModule(ImageDataModule):
             self.val_dataset = self.test_dataset
             self.train_dataset = TensorBatchDataset(train_images, train_labels)
 
+    @override
     def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        """Shuffled uint8 batches of (this rank's shard of) the training set, dropping the last
-        incomplete batch; resumable mid-epoch."""
+        """Shuffled uint8 batches of (this rank's shard of) the training set; resumable mid-epoch.
+
+        The last incomplete batch is dropped.
+        """
         return self.train_loader(self.train_dataset, str(self.root), collate_fn=collate_batch)
 
+    @override
     def val_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """The held-out part of train, or the test set when ``val_split`` is 0."""
         return self.eval_loader(self.val_dataset, collate_fn=collate_batch)
 
+    @override
     def test_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """The test set, in order."""
         return self.eval_loader(self.test_dataset, collate_fn=collate_batch)
 
+    @override
     def predict_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """The test set, in order, so ``qlight predict`` has data without extra arguments."""
         return self.eval_loader(self.test_dataset, collate_fn=collate_batch)
 
+    @override
     def augment_batch(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """Random 4-pixel-padded crop and horizontal flip."""
         return random_crop_flip(images, padding=4, generator=generator)

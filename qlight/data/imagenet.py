@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
+from typing_extensions import override
 
 from qlight._lightning_compat import run_seed
 from qlight.data.base import DatasetError, ImageDataModule, load_cached, save_atomic
@@ -256,6 +257,7 @@ class ImageFolderDataModule(ImageDataModule):
         key = hashlib.sha256(f"{self.root.resolve()}|{stats}|{INDEX_VERSION}".encode()).hexdigest()[:16]
         return self.cache_root / f"{self.dataset_name}-index-{key}.pt"
 
+    @override
     def prepare_data(self) -> None:
         """Scan the folders once (one process per node) and cache the file index."""
         path = self._index_file()
@@ -273,6 +275,7 @@ class ImageFolderDataModule(ImageDataModule):
             return load_cached(path)
         return build_index(self.root)
 
+    @override
     def setup(self, stage: str) -> None:
         if self.train_dataset is not None:
             return
@@ -298,25 +301,30 @@ class ImageFolderDataModule(ImageDataModule):
                 self.val_dataset = dataset
 
     # ------------------------------------------------------------------ loaders
+    @override
     def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """Batches of this rank's shard, ordered by (run seed, epoch); resumable mid-epoch."""
         dataset = self._require(self.train_dataset)
         dataset.seed = run_seed()
         return self.train_loader(dataset, str(self.root), with_epoch=True)
 
+    @override
     def val_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """The validation images, in order."""
         return self.eval_loader(self.val_dataset)
 
+    @override
     def test_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """The validation images again (ImageNet's test labels are not public)."""
         return self.eval_loader(self.val_dataset)
 
+    @override
     def predict_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """The validation images, in order."""
         return self.eval_loader(self.val_dataset)
 
     # ------------------------------------------------------------------ on the device
+    @override
     def augment_batch(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """Flip half of the batch at random (the workers cut the random-resized crop)."""
         flip = torch.rand(len(images), 1, 1, 1, device=images.device, generator=generator) < 0.5

@@ -96,6 +96,7 @@ class ResumableDataLoader(DataLoader):
     trainer: Trainer | None = None
 
     def state_dict(self) -> dict[str, Any]:
+        """The loader's position for the checkpoint (Lightning saves it)."""
         sampler = self.sampler
         if not isinstance(sampler, ResumableSampler):  # e.g. replaced by Lightning for overfit_batches
             return {}
@@ -110,6 +111,7 @@ class ResumableDataLoader(DataLoader):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the checkpoint's epoch after its samples (Lightning calls this on resume)."""
         sampler = self.sampler
         if not state or not isinstance(sampler, ResumableSampler):
             return
@@ -129,8 +131,11 @@ class ResumableDataLoader(DataLoader):
 def resumable_train_loader(
     dataset: Any, batch_size: int, trainer: Trainer | None, with_epoch: bool = False, **options: Any
 ) -> ResumableDataLoader:
-    """The training loader of a DataModule: this rank's shard in (run seed, epoch) order, last
-    incomplete batch dropped, its position checkpointed by Lightning. ``options`` go to ``DataLoader``."""
+    """The training loader of a DataModule: this rank's shard in (run seed, epoch) order.
+
+    The last incomplete batch is dropped and the position is checkpointed by Lightning. ``options`` go to
+    ``DataLoader``.
+    """
     world_size = trainer.world_size if trainer is not None else 1
     sampler = ResumableSampler(
         dataset,
@@ -158,6 +163,7 @@ class BatchGenerators:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, trainer: Trainer, device: torch.device) -> torch.Generator:
+        """The generator of ``device``, seeded for the current training batch."""
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device)
         position = batches_started(trainer)

@@ -120,8 +120,10 @@ def _has_qonnx_nodes(network: nn.Module) -> bool:
 
 
 def fold_small_constants(model: Any, max_elements: int = 4096) -> None:
-    """Replace, in place, standard-domain nodes whose inputs are all constant and whose outputs are small
-    by initializers (evaluated with ``onnx.reference``), and drop initializers nothing uses any more.
+    """Fold constant subgraphs of the graph into initializers, in place.
+
+    Standard-domain nodes whose inputs are all constant and whose outputs are small become initializers
+    (evaluated with ``onnx.reference``); initializers nothing uses any more are dropped.
 
     Identity nodes (the exporter's aliases of shared weights) and custom-domain nodes are kept.
     """

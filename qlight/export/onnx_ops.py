@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from qlight.quant import functional as QF
 from qlight.quant.checks import check_choice
@@ -69,8 +70,11 @@ def ternary_unit_delta(quantizer_kwargs: dict[str, object]) -> float:
 
 
 def pow2_unit_thresholds(bits: int, thresholds: Sequence[float] | None) -> list[float]:
-    """Ascending thresholds of :func:`~qlight.quant.functional.pow2_quant`: the given ones, or the
-    nearest-level ones (midpoints of consecutive levels of :func:`~qlight.quant.functional.pow2_levels`)."""
+    """Ascending thresholds of :func:`~qlight.quant.functional.pow2_quant`.
+
+    The given ones, or the nearest-level ones (midpoints of consecutive levels of
+    :func:`~qlight.quant.functional.pow2_levels`).
+    """
     if thresholds is not None:
         return [float(t) for t in thresholds]
     levels = QF.pow2_levels(bits)
@@ -102,6 +106,7 @@ class ReluQuantOp(nn.Module):
         """The op computing ``act``'s eval forward."""
         return cls(clamped_alpha(act), act.bits, act.mode)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "round":
             k = torch.clamp(torch.round(x / self.alpha), 0.0, float(self.levels))
@@ -111,6 +116,7 @@ class ReluQuantOp(nn.Module):
             k = torch.clamp(torch.ceil(torch.relu(x) / self.alpha), max=float(self.levels))
         return k * self.alpha
 
+    @override
     def extra_repr(self) -> str:
         alpha = float(self.alpha)
         return f"levels={self.levels}, mode={self.mode!r}, alpha={alpha:.6g}, compare_top={self.compare_top}"
@@ -171,6 +177,7 @@ class HardtanhQuantOp(nn.Module):
             return cls("pow2_unit", layer.min_val, layer.max_val, levels=levels, thresholds=thresholds)
         return cls(q.quantizer, layer.min_val, layer.max_val, delta=ternary_unit_delta(kwargs))
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         y = torch.clamp(x, self.min_val, self.max_val)
         if self.quantizer == "sign":
@@ -183,5 +190,6 @@ class HardtanhQuantOp(nn.Module):
             level = torch.where(magnitude > self.thresholds[i], self.levels[i + 1], level)
         return torch.sign(y) * level
 
+    @override
     def extra_repr(self) -> str:
         return f"quantizer={self.quantizer!r}, range=[{self.min_val:g}, {self.max_val:g}]"

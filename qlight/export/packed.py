@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from qlight.export.contract import InputContract
 from qlight.models import build_model
@@ -52,6 +53,7 @@ class ExportedClassifier(nn.Module):
         self.network = network
         self.contract = contract
 
+    @override
     def forward(self, images: Tensor) -> Tensor:
         x = self.contract.normalize(images) if images.dtype == torch.uint8 else images
         return self.network(x)

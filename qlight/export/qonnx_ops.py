@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from qlight.export.onnx_ops import (
     UnsupportedQuantizerError,
@@ -142,6 +143,7 @@ class QuantNode(nn.Module):
         self.register_buffer("bit_width", torch.tensor(float(bits)))
         self.signed, self.narrow, self.rounding_mode = int(signed), int(narrow), rounding_mode
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return _QuantFn.apply(
             x, self.scale, self.zero_point, self.bit_width, self.signed, self.narrow, self.rounding_mode
@@ -164,6 +166,7 @@ class QuantNode(nn.Module):
             dtype=np.float32,
         )
 
+    @override
     def extra_repr(self) -> str:
         return (
             f"bits={int(self.bit_width)}, signed={self.signed}, narrow={self.narrow}, "
@@ -178,6 +181,7 @@ class BipolarQuantNode(nn.Module):
         super().__init__()
         self.register_buffer("scale", scale.detach().float().clone())
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return _BipolarQuantFn.apply(x, self.scale)
 
@@ -308,6 +312,7 @@ class QonnxConv2d(_QonnxWeightLayer):
             layer.groups,
         )
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(
             x, self.quant(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups
@@ -317,13 +322,17 @@ class QonnxConv2d(_QonnxWeightLayer):
 class QonnxLinear(_QonnxWeightLayer):
     """``linear(x, Quant(w_q))``."""
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.quant(self.weight), self.bias)
 
 
 class ReluQuantNode(nn.Module):
-    """The BCGD quantized ReLU as an unsigned QONNX ``Quant`` (scale α), with the authors' top-level
-    comparison in front where float32 division needs it (:func:`top_level_needs_comparison`)."""
+    """The BCGD quantized ReLU as an unsigned QONNX ``Quant`` (scale α).
+
+    The authors' top-level comparison goes in front where float32 division needs it
+    (:func:`top_level_needs_comparison`).
+    """
 
     def __init__(self, act: QuantAct) -> None:
         super().__init__()
@@ -341,6 +350,7 @@ class ReluQuantNode(nn.Module):
             self.register_buffer("threshold", (levels - 1.0) * alpha)
             self.register_buffer("top_value", levels * alpha)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         if self.compare_top:
             x = torch.where(x > self.threshold, self.top_value, x)
@@ -354,6 +364,7 @@ class _ClipThen(nn.Module):
         super().__init__()
         self.node, self.lo, self.hi = node, lo, hi
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.node(torch.clamp(x, self.lo, self.hi))
 

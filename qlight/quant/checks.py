@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from typing_extensions import override
+
 __all__ = ["Arg", "ChoiceError", "QuantArgError", "check_choice", "check_that"]
 
 
@@ -73,6 +75,7 @@ class ChoiceError(QuantArgError):
             return self
         return ChoiceError(self.arg, self.value, self.valid, (arg, value), self.problem)
 
+    @override
     def renamed(self, names: Mapping[str, str], prefix: str = "") -> QuantArgError:
         """As :meth:`QuantArgError.renamed`; a QuantSpec words every rejected choice ``is not supported``."""
         renamed = ChoiceError(self.arg, self.value, self.valid, self.by)

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from .checks import Arg, ChoiceError, QuantArgError, check_choice, check_that
 from .quant_relu import ALPHA_RULES, X_RULES, alpha_grad_factor, quant_relu, x_grad_mask
@@ -158,6 +159,7 @@ class Estimator(nn.Module):
         """``∂L/∂x`` given ``g = ∂L/∂y`` (``x`` is the latent tensor, detached; ``mix`` the 0-dim mixing weight)."""
         raise NotImplementedError
 
+    @override
     def forward(self, x: Tensor, x_q: Tensor, mix: Tensor | float) -> Tensor:
         m = _as_tensor(mix, x)
         return straight_through(x, _mix_value(x, x_q, m), self, m)
@@ -173,6 +175,7 @@ class STE(Estimator):
 
     needs_input = False
 
+    @override
     def input_grad(self, x: Tensor, g: Tensor, mix: Tensor) -> Tensor:
         return g
 
@@ -189,9 +192,11 @@ class ClippedSTE(Estimator):
         check_that(clip > 0, "clip", clip, "must be > 0")
         self.clip = float(clip)
 
+    @override
     def input_grad(self, x: Tensor, g: Tensor, mix: Tensor) -> Tensor:
         return g.masked_fill(x.abs() > self.clip, 0.0)
 
+    @override
     def extra_repr(self) -> str:
         return f"clip={self.clip}"
 
@@ -222,6 +227,7 @@ class AQEEstimator(Estimator):
         self.backward_rule = backward_rule
         self.clip = float(clip)
 
+    @override
     def input_grad(self, x: Tensor, g: Tensor, mix: Tensor) -> Tensor:
         m = mix.to(g.dtype)
         if self.backward_rule == "autograd":
@@ -230,6 +236,7 @@ class AQEEstimator(Estimator):
             g = g * (2.0 * m)
         return g.masked_fill(x.abs() > self.clip, 0.0)
 
+    @override
     def extra_repr(self) -> str:
         return f"backward_rule={self.backward_rule!r}, clip={self.clip}"
 
@@ -261,6 +268,7 @@ class EDEEstimator(Estimator):
         self.t.copy_(tt)
         self.k.copy_(torch.clamp(1.0 / tt, min=1.0))
 
+    @override
     def input_grad(self, x: Tensor, g: Tensor, mix: Tensor) -> Tensor:
         t = self.t.to(x.dtype)
         scale = self.k.to(x.dtype) * t * (1.0 - torch.tanh(t * x) ** 2)

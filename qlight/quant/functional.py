@@ -83,7 +83,7 @@ def _stat_shape(w: Tensor, per_channel: bool) -> tuple[int, ...]:
 
 
 def _reduce(a: Tensor, per_channel: bool, op: str) -> Tensor:
-    """sum / mean / max / median of ``a`` per tensor or per output channel, shaped to broadcast against ``a``."""
+    """Sum / mean / max / median of ``a`` per tensor or per output channel, shaped to broadcast against ``a``."""
     f = _flat(a, per_channel)
     if op == "sum":
         r = f.sum(dim=1)

@@ -1,5 +1,8 @@
-"""Quantized layers: a tensor quantizer module, quantized Conv2d/Linear, the BCGD quantized ReLU, and the
-AQE/MINW-Net HardTanh input quantizer.
+"""Quantized layers: TensorQuantizer, QuantConv2d/QuantLinear, QuantAct (BCGD), QuantHardtanh (AQE inputs).
+
+:class:`TensorQuantizer` quantizes a tensor with a named quantizer and estimator; the conv and linear layers
+quantize their weight with it; :class:`QuantAct` is the BCGD quantized ReLU and :class:`QuantHardtanh` the
+AQE/MINW-Net input quantizer.
 
 Style follows timm's ``std_conv.py``: the layers subclass ``nn.Conv2d`` / ``nn.Linear``, keep the float latent
 ``weight`` as the Parameter, transform it in ``forward`` and call the functional conv/linear. Every scheduled knob
@@ -19,10 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from . import functional as QF
-from .estimators import Estimator, build_estimator, straight_through
 from .checks import Arg, ChoiceError, QuantArgError, check_choice, check_that
+from .estimators import Estimator, build_estimator, straight_through
 from .functional import ACT_BITS, ACT_MODES, _fp
 from .quant_relu import ALPHA_RULES, X_RULES, QuantReLUFunction, quant_relu_table
 
@@ -232,12 +236,14 @@ class TensorQuantizer(nn.Module):
         self.mix.fill_(float(value))
         self._note_mix(float(value))
 
+    @override
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
         loaded = state_dict.get(prefix + "mix")
         if isinstance(loaded, Tensor) and loaded.numel() == 1 and loaded.device.type != "meta":
             self._note_mix(float(loaded))
 
+    @override
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TensorQuantizer:
         was_one = self._mix_is_one()
         super()._apply(fn, *args, **kwargs)
@@ -299,6 +305,7 @@ class TensorQuantizer(nn.Module):
             value = self.estimator(xd, x_q, self.mix) if self._has_own_forward() else self._relaxed(xd, x_q)
         return value.to(x.dtype)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         xf = _fp(x)
         xd = xf.detach()
@@ -327,6 +334,7 @@ class TensorQuantizer(nn.Module):
         """Short tag such as ``binary/1b/ste`` (``+pc`` when per channel)."""
         return f"{self.quantizer}/{self.bits}b{'+pc' if self.per_channel else ''}/{self.estimator_name}"
 
+    @override
     def extra_repr(self) -> str:
         s = f"quantizer={self.quantizer!r}, bits={self.bits}"
         if self.per_channel:
@@ -395,9 +403,11 @@ class QuantConv2d(_WeightQuantized, nn.Conv2d):
         wq = weight_quantizer if weight_quantizer is not None else TensorQuantizer()
         self.weight_quantizer = wq.to(device=self.weight.device) if self.weight.device.type != "meta" else wq
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
 
+    @override
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_q={self.weight_quantizer.summary()}"
 
@@ -434,9 +444,11 @@ class QuantLinear(_WeightQuantized, nn.Linear):
         wq = weight_quantizer if weight_quantizer is not None else TensorQuantizer()
         self.weight_quantizer = wq.to(device=self.weight.device) if self.weight.device.type != "meta" else wq
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight_quantizer(self.weight), self.bias)
 
+    @override
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_q={self.weight_quantizer.summary()}"
 
@@ -598,6 +610,7 @@ class QuantAct(nn.Module):
             self._resolution_key = key
         return self._resolution
 
+    @override
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> QuantAct:
         old_dtype = self.rate_factor.dtype
         super()._apply(fn, *args, **kwargs)
@@ -612,10 +625,12 @@ class QuantAct(nn.Module):
                     rf.fill_(self._rate_factor_value)
         return self
 
+    @override
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
         self._resolution = None
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         if self.calibrating and self.training:
             # alpha <- stat(x)/L in place, then used with an exactly-zero gradient (not None: DDP sees alpha used)
@@ -626,6 +641,7 @@ class QuantAct(nn.Module):
             not self.calibrating,
         )
 
+    @override
     def extra_repr(self) -> str:
         return (
             f"bits={self.bits}, mode={self.mode!r}, x_rule={self.x_rule!r}, alpha_rule={self.alpha_rule!r}, "
@@ -676,9 +692,11 @@ class QuantHardtanh(nn.Hardtanh):
         super().__init__(min_val, max_val, inplace)
         self.act_quantizer = act_quantizer if act_quantizer is not None else TensorQuantizer("sign")
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.act_quantizer(_InclusiveHardtanh.apply(x, float(self.min_val), float(self.max_val)))
 
+    @override
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act_q={self.act_quantizer.summary()}"
 

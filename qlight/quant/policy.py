@@ -342,8 +342,11 @@ def quant_acts(model: nn.Module) -> list[tuple[str, QuantAct]]:
 
 
 def tensor_quantizers(model: nn.Module, role: QuantizerRole = "all") -> list[tuple[str, TensorQuantizer]]:
-    """``(name, quantizer)`` for every :class:`TensorQuantizer`; ``role="weight"`` keeps those of quantized
-    conv/linear kernels, ``role="act"`` the others (e.g. :class:`QuantHardtanh` input quantizers)."""
+    """``(name, quantizer)`` for every :class:`TensorQuantizer`, of the given ``role``.
+
+    ``role="weight"`` keeps those of quantized conv/linear kernels, ``role="act"`` the others (e.g.
+    :class:`QuantHardtanh` input quantizers).
+    """
     check_choice("role", role, QUANTIZER_ROLES)
     weight_ids = {id(m.weight_quantizer) for _, m in quant_layers(model)}
     out = []

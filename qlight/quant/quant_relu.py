@@ -125,6 +125,7 @@ class QuantReLUFunction(torch.autograd.Function):
         level_is_factor: bool,
         alpha_grad: bool,
     ) -> Tensor:
+        """``σ(x; α)``; saves the per-element table rows the backward needs."""
         xf = _fp(x)
         rows = table[:, act_regions(xf, bounds)]
         k = level_index(xf, a, rows, mode)
@@ -137,6 +138,7 @@ class QuantReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        """``∂L/∂x = g·M`` and ``∂L/∂α = clamp(r·Σ g·D, −1, 1)`` from the saved rows."""
         rows, k, rate_factor = ctx.saved_tensors
         gf = _fp(g)
         need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -1,5 +1,8 @@
-"""The report as a markdown table (printed and ``report.md``), ``report.csv`` (one row per cell) and
-``report.json`` (cells with their runs, and the runs left out)."""
+"""The report as tables.
+
+A markdown table (printed and ``report.md``), ``report.csv`` (one row per cell) and ``report.json`` (cells
+with their runs, and the runs left out).
+"""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ def _signed(value: float | None) -> str:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return ""
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

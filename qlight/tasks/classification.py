@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from qlight._lightning_compat import step_logging_due, step_values_written
 from qlight.checkpoints import read_checkpoint
@@ -187,6 +188,7 @@ class ImageClassifier(LightningModule):
         self.train_stats = TrainingStats(self.top_k)
 
     # ------------------------------------------------------------------ set-up
+    @override
     def configure_model(self) -> None:
         """Compile once the module sits on its device (idempotent)."""
         hp = self.hparams
@@ -195,6 +197,7 @@ class ImageClassifier(LightningModule):
             self.model.compile(mode=mode, backend=hp["compile_backend"])
             self._compiled = True
 
+    @override
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams["init_from"]:
             self.load_init_weights(self.hparams["init_from"])
@@ -260,6 +263,7 @@ class ImageClassifier(LightningModule):
     def _param_groups(self) -> list[dict[str, Any]]:
         return merge_groups(param_groups(self.model), self._group_overrides())
 
+    @override
     def configure_optimizers(self) -> Any:
         """Parameter groups only where hyper-parameters differ; fused (CUDA) or foreach kernels (:mod:`.optim`)."""
         hp = self.hparams
@@ -284,6 +288,7 @@ class ImageClassifier(LightningModule):
             shortcut.pad = pad
         self.hparams["model_kwargs"] = {**(self.hparams.get("model_kwargs") or {}), "shortcut_pad": pad}
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild what the checkpoint was trained with, and fit its optimizer state to today's groups.
 
@@ -300,15 +305,18 @@ class ImageClassifier(LightningModule):
         relayout_checkpoint(checkpoint, layout, sizes, owner=type(self).__name__)
 
     # ------------------------------------------------------------------ steps
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, target, label_smoothing=self.hparams["label_smoothing"])
 
+    @override
     def on_train_start(self) -> None:
         self.train_stats.start(self.global_step)
 
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         hp = self.hparams
         calibrate = self.global_step < self.calibration_steps or self.current_epoch < hp["alpha_stage_epochs"]
@@ -318,6 +326,7 @@ class ImageClassifier(LightningModule):
             # a new iteration for CUDA-graph trees: the previous step's graph outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
 
+    @override
     def on_validation_model_eval(self) -> None:
         # Max-calibration is a training rule: evaluating must neither fit alpha to validation batches
         # nor leave a validation-fitted alpha for the next training step (breaks exact resume).
@@ -333,6 +342,7 @@ class ImageClassifier(LightningModule):
         logits = self(x)
         return logits, self._loss(logits, y)
 
+    @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits, loss = self.forward_loss(x, y)
@@ -351,6 +361,7 @@ class ImageClassifier(LightningModule):
             stats.unwritten_loss = None if step_values_written(trainer) else mean_loss
         stats.losses.reset(self.global_step + 1)
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # The authors clamp the stored alpha in place to [alpha_min, alpha_max] before every use. The
         # forward's clamp is straight-through, so without this a learned alpha drifts past it (even below
@@ -358,6 +369,7 @@ class ImageClassifier(LightningModule):
         if self.quant_acts:
             clamp_alphas_(self.quant_acts)
 
+    @override
     def on_train_epoch_end(self) -> None:
         stats = self.train_stats
         if stats.unwritten_loss is not None:  # e.g. epochs shorter than log_every_n_steps
@@ -370,9 +382,11 @@ class ImageClassifier(LightningModule):
             self.log_dict({"train/acc1": (top1 / seen).float(), f"train/acc{self.top_k}": (topk / seen).float()})
         stats.reset_hits()
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics(self.val_metrics)
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics(self.test_metrics)
 
@@ -396,12 +410,15 @@ class ImageClassifier(LightningModule):
         self.log(f"{stage}/loss", self._loss(logits, y), sync_dist=True)
         metrics.update(logits, y)
 
+    @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_metrics)
 
+    @override
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test", self.test_metrics)
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, list | tuple) else batch
         return self(x).argmax(dim=1)
