@@ -17,18 +17,20 @@ from operator import attrgetter
 from typing import Any
 
 import lightning
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 __all__ = [
     "CLI_OVERRIDES",
     "LightningInternalsError",
     "batches_finished",
     "batches_started",
+    "callbacks_of",
     "cluster_environment",
     "existing_experiment",
     "format_summary_table",
@@ -36,7 +38,9 @@ __all__ = [
     "logger_filesystem",
     "missing_internals",
     "move_csv_logger",
+    "process_rank",
     "run_seed",
+    "set_callbacks",
     "set_evaluated_position",
     "set_experiment",
     "set_logger_name",
@@ -138,6 +142,22 @@ def run_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", "0"))
 
 
+def callbacks_of(trainer: Trainer) -> list[Callback]:
+    """The trainer's callbacks (public, but set at run time, so type checkers do not see the attribute)."""
+    callbacks: list[Callback] = _read(trainer, "callbacks")
+    return callbacks
+
+
+def set_callbacks(trainer: Trainer, callbacks: list[Callback]) -> None:
+    """Replace the trainer's callbacks (before the run starts)."""
+    _write(trainer, "callbacks", callbacks)
+
+
+def process_rank() -> int:
+    """This process's global rank as Lightning's ``rank_zero_only`` knows it (0 outside distributed runs)."""
+    return int(getattr(rank_zero_only, "rank", 0))
+
+
 # ------------------------------------------------------------------ signals and clusters
 def cluster_environment(trainer: Trainer) -> Any:
     """The trainer's cluster environment (SLURM, torchelastic, ...)."""
@@ -210,7 +230,7 @@ def missing_internals() -> list[str]:
 
     trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     probe(trainer, (
-        "_logger_connector.should_update_logs", "fit_loop.epoch_loop._batches_that_stepped",
+        "callbacks", "_logger_connector.should_update_logs", "fit_loop.epoch_loop._batches_that_stepped",
         "fit_loop.epoch_loop.batch_progress.current.processed", "fit_loop.epoch_loop.batch_progress.current.ready",
         "fit_loop.epoch_progress.current.completed", "_accelerator_connector.cluster_environment",
         "_signal_connector.received_sigterm",

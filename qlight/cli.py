@@ -27,14 +27,13 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, RichModelSummary
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 import qlight
 import qlight.callbacks
 import qlight.data
 import qlight.loggers
-from qlight._lightning_compat import summary_max_depth
+from qlight._lightning_compat import callbacks_of, process_rank, set_callbacks, summary_max_depth
 from qlight.callbacks.throughput import Throughput
 from qlight.checkpoints import CheckpointError, model_differences, read_checkpoint
 from qlight.config_errors import QlightArgumentParser
@@ -122,10 +121,12 @@ class QlightCLI(LightningCLI):
             extra.append(StopOnSignal())
         trainer = super()._instantiate_trainer(config, [*callbacks, *extra])
         if not verbose():
-            trainer.callbacks = [
-                QuietModelSummary(max_depth=summary_max_depth(cb)) if type(cb) in (ModelSummary, RichModelSummary) else cb
-                for cb in trainer.callbacks
-            ]
+            set_callbacks(trainer, [
+                QuietModelSummary(max_depth=summary_max_depth(cb))
+                if isinstance(cb, ModelSummary) and type(cb) in (ModelSummary, RichModelSummary)
+                else cb
+                for cb in callbacks_of(trainer)
+            ])
         return trainer
 
     @override
@@ -268,9 +269,10 @@ class QlightCLI(LightningCLI):
                 )
 
     def _drop_lr_monitor_without_logger(self) -> None:
-        monitors = [cb for cb in self.trainer.callbacks if isinstance(cb, LearningRateMonitor)]
+        callbacks = callbacks_of(self.trainer)
+        monitors = [cb for cb in callbacks if isinstance(cb, LearningRateMonitor)]
         if monitors and not self.trainer.loggers:
-            self.trainer.callbacks = [cb for cb in self.trainer.callbacks if cb not in monitors]
+            set_callbacks(self.trainer, [cb for cb in callbacks if cb not in monitors])
             _note("no logger (trainer.logger is false), so LearningRateMonitor is dropped: it needs one")
 
     def before_fit(self) -> None:
@@ -321,7 +323,7 @@ class QlightCLI(LightningCLI):
             restore_handlers(previous)
 
     def _interrupted(self) -> Interrupted:
-        stop = next((cb for cb in self.trainer.callbacks if isinstance(cb, StopOnSignal)), None)
+        stop = next((cb for cb in callbacks_of(self.trainer) if isinstance(cb, StopOnSignal)), None)
         if stop is None or stop.signum is None or stop.checkpoint is None:
             return Interrupted(signal.SIGTERM)
         step, epoch = stop.stopped_at or (self.trainer.global_step, self.trainer.current_epoch)
@@ -337,7 +339,7 @@ class QlightCLI(LightningCLI):
 
 def _note(text: str) -> None:
     """One line about a choice qlight made for the user."""
-    if rank_zero_only.rank == 0:
+    if process_rank() == 0:
         print(f"qlight: note: {text}", file=sys.stderr, flush=True)
 
 
@@ -351,7 +353,7 @@ def describe_run(
         dataset = type(datamodule).__name__.removesuffix("DataModule").lower()
     arch = str(model.hparams.get("model", type(model).__name__)).removeprefix("torchvision.")
     spec = model.quant_spec if isinstance(model, ImageClassifier) else None
-    methods = [cb.method_name for cb in trainer.callbacks if isinstance(cb, TrainingMethod) and cb.method_name]
+    methods = [cb.method_name for cb in callbacks_of(trainer) if isinstance(cb, TrainingMethod) and cb.method_name]
     if methods:
         method = methods[0]
     else:
@@ -393,7 +395,7 @@ def main(args: ArgsType = None, run: bool = True) -> QlightCLI:
         print(f"qlight: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except Interrupted as stop:
-        if rank_zero_only.rank == 0:
+        if process_rank() == 0:
             print(f"qlight: {stop}", file=sys.stderr, flush=True)
         raise SystemExit(exit_status(stop.signum)) from None
     finally:

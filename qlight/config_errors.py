@@ -140,8 +140,8 @@ def condense(message: str, parser: ArgumentParser | None = None) -> str:
         return f"{key or 'config'}: no such file {found.group(1)!r}"
 
     if found := re.search(r"invalid choice: '([^']*)' \(choose from ([^)]*)\)", message):
-        bad, choices = found.groups()
-        names = [c.strip(" '") for c in choices.split(",")]
+        bad, listed = found.groups()
+        names = [c.strip(" '") for c in listed.split(",")]
         return f"unknown command {bad!r}; choose from {', '.join(names)}{_did_you_mean(bad, names)}"
 
     types = re.findall(r"Expected a <class '(\w+)'>", message)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any
+from typing import Any, cast
 
 from lightning.pytorch.callbacks import ModelSummary
 from typing_extensions import override
@@ -58,7 +58,7 @@ def be_quiet() -> None:
     global _we_silenced_wandb
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")]
     if verbose():
-        warnings.filters[:] = [f for f in warnings.filters if not (f[0] == "ignore" and f[1] is not None
+        cast(list, warnings.filters)[:] = [f for f in warnings.filters if not (f[0] == "ignore" and f[1] is not None
                                                                   and f[1].pattern in _QUIET_WARNINGS)]
         for logger in loggers:  # the loggers rank_zero_info writes to
             for tip_filter in [f for f in logger.filters if isinstance(f, _DropTips)]:

@@ -74,7 +74,7 @@ def immediate_stop_handlers(context: str = "") -> dict[int, Any]:
     def stop(signum: int, frame: FrameType | None) -> None:
         raise Interrupted(signum, message=" ".join(filter(None, [f"stopped by {signal.Signals(signum).name}", context])))
 
-    previous = {}
+    previous: dict[int, Any] = {}
     for signum in SIGNALS:
         previous[signum] = signal.getsignal(signum)
         signal.signal(signum, stop)

@@ -134,7 +134,7 @@ class WandbLogger(_WandbLogger):
                 mode = "disabled"
         self.mode = mode
         os.makedirs(save_dir, exist_ok=True)
-        extra = {"mode": "disabled"} if mode == "disabled" else {}
+        extra: dict[str, Any] = {"mode": "disabled"} if mode == "disabled" else {}
         super().__init__(
             project=project,
             name=name,

@@ -138,7 +138,9 @@ class RunRecord(Callback):
         loaded = trainer.ckpt_path
         states = checkpoint.get("callbacks") or {}
         for callback in trainer.checkpoint_callbacks:
-            state = states.get(callback.state_key) if isinstance(callback, ModelCheckpoint) else None
+            if not isinstance(callback, ModelCheckpoint):
+                continue
+            state = states.get(callback.state_key)
             if not state or not callback.dirpath or state.get("dirpath") == callback.dirpath:
                 continue
             here = loaded is not None and _same_dir(os.path.dirname(str(loaded)), callback.dirpath)
@@ -149,7 +151,9 @@ class RunRecord(Callback):
 
 
 def _same_dir(a: str | None, b: str | os.PathLike[str]) -> bool:
-    return bool(a) and os.path.realpath(a) == os.path.realpath(b)  # type: ignore[arg-type]
+    if not a:
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _rehome(state: dict[str, Any], dirpath: str) -> dict[str, Any]:

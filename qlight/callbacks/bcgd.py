@@ -152,7 +152,7 @@ class BCGD(Callback):
             for layer in self._layers:
                 layer.weight_quantizer.forget_training_value()
             self._weight_keys = [(w._version, w.data_ptr()) for w in self._weights]
-        if self._logged_epoch != trainer.current_epoch:  # rho is constant within an epoch: log it once
+        if self._logged_epoch != trainer.current_epoch and self._rho is not None:  # constant in an epoch: log once
             pl_module.log("bcgd/rho", self._rho, on_step=False, on_epoch=True, batch_size=1)
             self._logged_epoch = trainer.current_epoch
 

@@ -286,14 +286,14 @@ class ImageFolderDataModule(ImageDataModule):
                 f"{self.root} has {len(self.classes)} class folders but num_classes={self.num_classes}; "
                 "set data.num_classes to match the data"
             )
-        common = {"image_size": self.image_size, "resize_size": self.resize_size, "scale": self.scale}
         for split, limit in (("train", self.subset), ("val", self.val_subset)):
             files, labels = index[split]["files"], index[split]["labels"]
             if limit is not None and limit < len(files):
                 keep = stratified_subset(labels, limit)
                 files, labels = [files[i] for i in keep.tolist()], labels[keep]
             dataset = ImageFolderDataset(
-                self.root, files, labels, train=split == "train" and self.augment, **common
+                self.root, files, labels, train=split == "train" and self.augment, image_size=self.image_size,
+                resize_size=self.resize_size, scale=self.scale,
             )
             if split == "train":
                 self.train_dataset = dataset

@@ -59,8 +59,9 @@ class ResumableSampler(DistributedSampler):
         drop_last: bool = True,
         with_epoch: bool = False,
     ) -> None:
-        super().__init__(  # type: ignore[arg-type]
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last
+        super().__init__(
+            dataset,  # type: ignore[arg-type]  # only its length is used: any Sized will do
+            num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last,
         )
         self.with_epoch = with_epoch
         self._resume: tuple[int, int] | None = None

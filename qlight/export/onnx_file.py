@@ -38,7 +38,7 @@ EXTRA_MODULES = {"onnx": ("onnx", "onnxruntime"), "qonnx": ("onnx", "onnxruntime
 
 #: newer torch has a ``dynamo`` switch (True by default in 2.14); torch 2.4 has only the TorchScript exporter
 _HAS_DYNAMO_SWITCH = "dynamo" in inspect.signature(torch.onnx.export).parameters
-_TORCHSCRIPT_EXPORTER = {"dynamo": False} if _HAS_DYNAMO_SWITCH else {}
+_TORCHSCRIPT_EXPORTER: dict[str, Any] = {"dynamo": False} if _HAS_DYNAMO_SWITCH else {}
 
 
 class MissingExtraError(ImportError):
@@ -89,7 +89,7 @@ def write_onnx(
         torch.onnx.export(
             network.eval(),
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # a file object works as well as a path
             **_TORCHSCRIPT_EXPORTER,
             opset_version=OPSET,
             input_names=["input"],

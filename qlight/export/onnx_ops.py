@@ -90,6 +90,10 @@ class ReluQuantOp(nn.Module):
         mode: ``ceil`` or ``round`` (``round``: ``α·clip(round(x/α), 0, L)``, half to even as ONNX Round).
     """
 
+    alpha: Tensor
+    threshold: Tensor
+    top: Tensor
+
     def __init__(self, alpha: Tensor, bits: int, mode: str) -> None:
         super().__init__()
         check_choice("mode", mode, QF.ACT_MODES)
@@ -133,6 +137,13 @@ class HardtanhQuantOp(nn.Module):
         thresholds: ``pow2_unit`` thresholds (ascending; ``len(levels) − 1`` of them).
     """
 
+    one: Tensor
+    minus_one: Tensor
+    zero: Tensor
+    delta: Tensor
+    levels: Tensor
+    thresholds: Tensor
+
     def __init__(
         self,
         quantizer: str,
@@ -173,7 +184,7 @@ class HardtanhQuantOp(nn.Module):
         kwargs = dict(q.quantizer_kwargs)
         if q.quantizer == "pow2_unit":
             levels = QF.pow2_levels(q.bits)
-            thresholds = pow2_unit_thresholds(q.bits, kwargs.get("thresholds"))  # type: ignore[arg-type]
+            thresholds = pow2_unit_thresholds(q.bits, kwargs.get("thresholds"))
             return cls("pow2_unit", layer.min_val, layer.max_val, levels=levels, thresholds=thresholds)
         return cls(q.quantizer, layer.min_val, layer.max_val, delta=ternary_unit_delta(kwargs))
 

@@ -73,7 +73,7 @@ class _QuantFn(torch.autograd.Function):
     """QONNX ``Quant`` in PyTorch; traces into one ``Quant`` node."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         scale: Tensor,
@@ -121,7 +121,7 @@ class _BipolarQuantFn(torch.autograd.Function):
     """QONNX ``BipolarQuant`` in PyTorch; traces into one ``BipolarQuant`` node."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, scale: Tensor) -> Tensor:
         return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x)) * scale
 
     @staticmethod
@@ -133,6 +133,10 @@ class _BipolarQuantFn(torch.autograd.Function):
 
 class QuantNode(nn.Module):
     """A QONNX ``Quant`` node with constant scale, zero point 0 and bit width."""
+
+    scale: Tensor
+    zero_point: Tensor
+    bit_width: Tensor
 
     def __init__(self, scale: Tensor, bits: int, signed: bool, narrow: bool, rounding_mode: str) -> None:
         super().__init__()
@@ -176,6 +180,8 @@ class QuantNode(nn.Module):
 
 class BipolarQuantNode(nn.Module):
     """A QONNX ``BipolarQuant`` node with a constant scale."""
+
+    scale: Tensor
 
     def __init__(self, scale: Tensor) -> None:
         super().__init__()
@@ -236,7 +242,9 @@ def _uniform_scale(weight: Tensor, qmax: int, per_channel: bool) -> Tensor | Non
     return torch.stack(scales).reshape(_group_shape(weight, per_channel))
 
 
-def weight_quant_node(name: str, layer: QuantConv2d | QuantLinear, weight: Tensor) -> nn.Module:
+def weight_quant_node(
+    name: str, layer: QuantConv2d | QuantLinear, weight: Tensor
+) -> QuantNode | BipolarQuantNode:
     """The QONNX node that reproduces ``weight`` (= ``layer.quantized_weight()``) bit for bit.
 
     Raises:
@@ -245,7 +253,8 @@ def weight_quant_node(name: str, layer: QuantConv2d | QuantLinear, weight: Tenso
     q = layer.weight_quantizer
     kind, bits, per_channel = q.quantizer, q.bits, q.per_channel
     weight = weight.detach().float().cpu()
-    node: nn.Module
+    node: QuantNode | BipolarQuantNode
+    scale: Tensor | None
     if kind in ("binary", "sign"):
         zeros = int((weight == 0).sum())
         if zeros:
@@ -258,7 +267,7 @@ def weight_quant_node(name: str, layer: QuantConv2d | QuantLinear, weight: Tenso
     elif kind in ("ternary", "ternary_unit", "uniform"):
         qmax = 2 ** (bits - 1) - 1
         if kind == "ternary_unit":
-            scale: Tensor | None = torch.tensor(1.0)
+            scale = torch.tensor(1.0)
         elif kind == "ternary":
             absmax = _group_absmax(weight, per_channel)
             scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
@@ -276,7 +285,7 @@ def weight_quant_node(name: str, layer: QuantConv2d | QuantLinear, weight: Tenso
             "grid; power-of-two levels {0, ±2^-k} are not one); QONNX-exact weight quantizers: "
             "['binary', 'sign', 'ternary', 'ternary_unit', 'uniform']; export with --format onnx"
         )
-    reproduced = node.reference(weight.numpy())  # type: ignore[operator]
+    reproduced = node.reference(weight.numpy())
     if not np.array_equal(reproduced, weight.numpy()):
         raise UnsupportedQuantizerError(
             f"{name}: QONNX {type(node).__name__} does not reproduce its {kind} weights bit for bit; "
@@ -287,6 +296,10 @@ def weight_quant_node(name: str, layer: QuantConv2d | QuantLinear, weight: Tenso
 
 class _QonnxWeightLayer(nn.Module):
     """A conv/linear layer whose stored quantized weight passes through its QONNX node."""
+
+    weight: Tensor
+    bias: Tensor | None
+    quant: QuantNode | BipolarQuantNode
 
     def __init__(self, name: str, layer: QuantConv2d | QuantLinear) -> None:
         super().__init__()
@@ -333,6 +346,9 @@ class ReluQuantNode(nn.Module):
     The authors' top-level comparison goes in front where float32 division needs it
     (:func:`top_level_needs_comparison`).
     """
+
+    threshold: Tensor
+    top_value: Tensor
 
     def __init__(self, act: QuantAct) -> None:
         super().__init__()

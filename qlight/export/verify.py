@@ -229,7 +229,7 @@ def compare(
     ref_top, rt_top = ref.argmax(axis=1), runtime.argmax(axis=1)
     per_image = np.abs(runtime - ref).max(axis=1) if ref.size else np.zeros(len(ref))
     scale = max(1.0, float(np.abs(ref).max())) if ref.size else 1.0
-    correct = (None, None)
+    correct: tuple[int | None, int | None] = (None, None)
     if labels is not None:
         y = labels.cpu().numpy()
         correct = (int((ref_top == y).sum()), int((rt_top == y).sum()))

@@ -86,7 +86,7 @@ def build_estimator(name: str, **kwargs: object) -> Estimator:
     """Instantiate the estimator ``name`` with ``kwargs``; bad names or values raise a :class:`QuantArgError`."""
     cls = get_estimator(name)
     try:
-        return cls(**kwargs)  # type: ignore[arg-type]
+        return cls(**kwargs)
     except TypeError as err:  # a keyword the estimator does not take
         error = QuantArgError(
             Arg("estimator_kwargs"), f"={dict(kwargs)!r}: bad estimator_kwargs for estimator={name!r}: {err}"
@@ -124,13 +124,13 @@ class _StraightThrough(torch.autograd.Function):
     """Forward: ``value`` as is (no arithmetic). Backward: ``estimator.input_grad(x, g, mix)`` for ``x``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, value: Tensor, estimator: Estimator, mix: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, value: Tensor, estimator: Estimator, mix: Tensor) -> Tensor:
         ctx.estimator = estimator
         ctx.save_for_backward(x if estimator.needs_input else None, mix)
         return value.view_as(value)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, mix = ctx.saved_tensors
         gx = ctx.estimator.input_grad(x, g, mix) if ctx.needs_input_grad[0] else None
         return gx, None, None, None

@@ -238,7 +238,7 @@ class TensorQuantizer(nn.Module):
 
     @override
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         loaded = state_dict.get(prefix + "mix")
         if isinstance(loaded, Tensor) and loaded.numel() == 1 and loaded.device.type != "meta":
             self._note_mix(float(loaded))
@@ -354,7 +354,7 @@ def _share_params(dst: nn.Module, src: nn.Module) -> None:
 class _WeightQuantized:
     """What QuantConv2d and QuantLinear share: the latent ``weight`` and its quantized forms."""
 
-    weight: nn.Parameter
+    weight: Tensor
     weight_quantizer: TensorQuantizer
 
     def quantized_weight(self) -> Tensor:
@@ -390,7 +390,7 @@ class QuantConv2d(_WeightQuantized, nn.Conv2d):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
-        padding_mode: str = "zeros",
+        padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
@@ -627,7 +627,7 @@ class QuantAct(nn.Module):
 
     @override
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._resolution = None
 
     @override
@@ -657,13 +657,13 @@ class _InclusiveHardtanh(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, lo: float, hi: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, lo: float, hi: float) -> Tensor:
         ctx.save_for_backward(x)
         ctx.bounds = (lo, hi)
         return F.hardtanh(x, lo, hi)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         (x,) = ctx.saved_tensors
         lo, hi = ctx.bounds
         outside = x.abs() > hi if lo == -hi else (x < lo) | (x > hi)

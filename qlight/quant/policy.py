@@ -208,7 +208,7 @@ class QuantSpec:
             _as_fields(self.act_quantizer, _HARDTANH_FIELDS)
 
     def _validate_alpha_init(self) -> None:
-        v = self.alpha_init
+        v: float | str | None = self.alpha_init
         if isinstance(v, str) and v in ALPHA_INIT_CHOICES:
             return
         if isinstance(v, str):
@@ -308,8 +308,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
         new: nn.Module | None = None
         if id(m) in roles:
             wq = spec.weight_quantizer(roles[id(m)])
-            if wq is not None:
-                new = (QuantConv2d if type(m) is nn.Conv2d else QuantLinear).from_float(m, wq)  # type: ignore[attr-defined]
+            if wq is not None and isinstance(m, nn.Conv2d):
+                new = QuantConv2d.from_float(m, wq)
+            elif wq is not None and isinstance(m, nn.Linear):
+                new = QuantLinear.from_float(m, wq)
         elif type(m) is nn.ReLU and spec.act == "relu_quant":
             new = spec.quant_act(device)
             new.train(m.training)

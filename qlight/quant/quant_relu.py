@@ -113,7 +113,7 @@ class QuantReLUFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         alpha: Tensor,
@@ -137,7 +137,7 @@ class QuantReLUFunction(torch.autograd.Function):
         return (k * a).to(x.dtype)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         """``∂L/∂x = g·M`` and ``∂L/∂α = clamp(r·Σ g·D, −1, 1)`` from the saved rows."""
         rows, k, rate_factor = ctx.saved_tensors
         gf = _fp(g)

@@ -17,6 +17,7 @@ from qlight.report.aggregate import Cell, Report
 if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn
     from matplotlib.axes import Axes
     from matplotlib.ticker import MaxNLocator
+    from matplotlib.typing import ColorType
 
 __all__ = ["write_plots"]
 
@@ -66,7 +67,9 @@ def _by_model(report: Report) -> dict[tuple[str, str], list[Cell]]:
     return groups
 
 
-def _draw(ax: Axes, series: list[dict[int, float]], label: str, scale: float = 1.0) -> tuple[str | None, list[float]]:
+def _draw(
+    ax: Axes, series: list[dict[int, float]], label: str, scale: float = 1.0
+) -> tuple[ColorType | None, list[float]]:
     """Mean line and min–max band of ``series`` (error bars for a single epoch); returns (colour, values)."""
     epochs, mean, low, high = _band(series, scale)
     if not epochs:

@@ -122,13 +122,13 @@ def markdown(report: Report, mode: str) -> str:
     if left_out:
         out += "\nRuns not in the averages:\n\n| run | cell | seed | state | best so far | detail |\n|---|---|---|---|---|---|\n"
         for run in left_out:
-            cell = run.cell
+            cell_name = run.cell
             best = "" if run.best is None else f"{100 * run.best:.2f} (epoch {run.best_epoch})"
             state = "duplicate seed" if run.excluded else run.state.state
             detail = run.excluded or run.state.detail
             seed = "" if run.seed is None else str(run.seed)
             where = f"{run.folder}" if run.folder else run.run_id
-            out += f"| {where} | {cell} | {seed} | {state} | {best} | {detail.replace('|', '/')} |\n"
+            out += f"| {where} | {cell_name} | {seed} | {state} | {best} | {detail.replace('|', '/')} |\n"
     return out
 
 
