@@ -21,6 +21,7 @@ from qlight.quant import (
     ternary_weight,
     uniform_weight,
 )
+from qlight.quant.functional import ACT_BITS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
@@ -168,6 +169,7 @@ def test_quant_act_init_table_and_float():
     for b, a in BIT_ALPHA.items():
         assert QuantAct(b).alpha.item() == pytest.approx(a)
     assert BIT_ALPHA[1] == 1.2221 and BIT_ALPHA[2] == 0.6511 and BIT_ALPHA[4] == 0.1946  # the authors' constants
+    assert tuple(BIT_ALPHA) == ACT_BITS  # a table value for every bit-width QuantAct accepts
     assert QuantAct(4, alpha_init=0.3).alpha.item() == pytest.approx(0.3)
     qa = QuantAct(4)
     assert set(qa.state_dict()) == {"alpha", "rate_factor"} and qa.alpha.dim() == 0
