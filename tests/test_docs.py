@@ -35,7 +35,7 @@ def commands(text: str, program: str = "qlight") -> list[list[str]]:
 def test_setup_says_how_to_install_a_cpu_only_torch() -> None:
     setup = section("Setup")
     cpu = setup.index("--index-url https://download.pytorch.org/whl/cpu")
-    assert cpu < setup.rindex('pip install -e ".[dev]"')
+    assert cpu < setup.rindex('pip install -e ".[dev,export]"')
 
 
 def test_train_commands_read_data_that_is_there_offline(monkeypatch: pytest.MonkeyPatch) -> None:

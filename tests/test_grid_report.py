@@ -161,7 +161,8 @@ def test_killed_run_resumes_and_finished_runs_are_skipped(story: GridStory) -> N
     model = yaml.safe_load(config.read_text())["model"]["init_args"]
     assert model["optimizer"]["init_args"]["lr"] == 0.05
     assert model["lr_scheduler"]["class_path"].endswith("MultiStepLR")
-    lrs = {int(r["step"]): float(r["lr-SGD/weights"]) for r in _metrics(story, "bcgd-s1") if r["lr-SGD/weights"]}
+    lr = "lr-SGD/quantized_weights+weights+biases+alphas"  # one merged group: the config overrides no group's lr
+    lrs = {int(r["step"]): float(r[lr]) for r in _metrics(story, "bcgd-s1") if r[lr]}
     assert list(lrs.values()) == pytest.approx([0.05, 0.005])
 
 

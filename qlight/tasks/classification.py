@@ -37,12 +37,11 @@ from qlight.quant import (
 from qlight.tasks.optim import fast_kernels, merge_groups, relayout_checkpoint
 from qlight.tasks.train_stats import NonFiniteLossError, TrainingStats
 
+__all__ = ["COMPILE_MODES", "SCHEDULER_INTERVALS", "ImageClassifier", "NonFiniteLossError"]
+
 # The hyper-parameters hold a QuantSpec; resuming (`ckpt_path`) and `load_from_checkpoint` unpickle
 # with weights_only=True (torch >= 2.6), which refuses classes that are not allow-listed.
 torch.serialization.add_safe_globals([QuantSpec])
-
-
-__all__ = ["COMPILE_MODES", "SCHEDULER_INTERVALS", "ImageClassifier", "NonFiniteLossError"]
 
 #: torch.compile modes (None: the default); the ones with CUDA graphs need a step marker per training step
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
