@@ -17,8 +17,8 @@ from lightning.pytorch import Callback
 from torch import Tensor, nn
 
 from qlight.callbacks import AQE, BCGD
-from qlight.callbacks.clip import clip_weights_
 from qlight.callbacks.bcgd import blend_all_
+from qlight.callbacks.clip import clip_weights_
 from qlight.quant import QuantSpec, clamp_alphas_, quant_acts, quant_layers, set_mix
 from qlight.tasks import ImageClassifier
 from qlight.tasks.optim import fast_kernels

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from qlight.protocols import NamedDataset, TrainingMethod
+
 #: a float part of the network counts as 32 bits (the papers' "16" and "32" both mean not quantized)
 FLOAT_BITS = 32
 
@@ -34,7 +36,7 @@ class CellKey:
 
     @property
     def bits(self) -> str:
-        """qlight's tag: ``w1a4``, or ``float`` when nothing is quantized."""
+        """Qlight's tag: ``w1a4``, or ``float`` when nothing is quantized."""
         if self.w_bits >= FLOAT_BITS and self.a_bits >= FLOAT_BITS:
             return "float"
         return f"w{self.w_bits}a{self.a_bits}"
@@ -78,9 +80,8 @@ def config_dataset(config: dict[str, Any]) -> str:
     data = config.get("data") or {}
     class_path = data.get("class_path", "") if isinstance(data, dict) else ""
     cls = resolve_class(class_path) if class_path else None
-    name = getattr(cls, "dataset_name", None) if cls is not None else None
-    if isinstance(name, str) and name:
-        return name
+    if isinstance(cls, NamedDataset) and cls.dataset_name:
+        return cls.dataset_name
     return class_path.rpartition(".")[2].removesuffix("DataModule").lower() or "unknown"
 
 
@@ -92,9 +93,8 @@ def config_method(config: dict[str, Any]) -> str:
     for callback in callbacks:
         class_path = callback.get("class_path", "") if isinstance(callback, dict) else str(callback)
         cls = resolve_class(class_path) if class_path else None
-        name = getattr(cls, "method_name", None)
-        if isinstance(name, str) and name:
-            return name
+        if isinstance(cls, TrainingMethod) and cls.method_name:
+            return cls.method_name
     return "float" if _init_args(config.get("model")).get("quant") is None else "ste"
 
 
@@ -120,7 +120,8 @@ def cell_key(config: dict[str, Any]) -> CellKey:
     """
     arch = _init_args(config.get("model")).get("model")
     if not isinstance(arch, str):
-        raise ValueError("config has no model.init_args.model (the architecture)")
+        # a ValueError, not a TypeError: the config's content is wrong, and callers report ValueErrors as such
+        raise ValueError("config has no model.init_args.model (the architecture)")  # noqa: TRY004
     w_bits, a_bits = config_bits(config)
     return CellKey(
         dataset=config_dataset(config),

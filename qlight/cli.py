@@ -27,17 +27,18 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, RichModelSummary
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from typing_extensions import override
 
 import qlight
 import qlight.callbacks
 import qlight.data
 import qlight.loggers
+from qlight._lightning_compat import callbacks_of, process_rank, set_callbacks, summary_max_depth
 from qlight.callbacks.throughput import Throughput
 from qlight.checkpoints import CheckpointError, model_differences, read_checkpoint
 from qlight.config_errors import QlightArgumentParser
 from qlight.console import QuietModelSummary, be_quiet, set_verbose, verbose
-from qlight.data import DatasetError
+from qlight.data import DatasetError, ImageDataModule
 from qlight.interrupt import (
     Interrupted,
     StopOnSignal,
@@ -47,6 +48,7 @@ from qlight.interrupt import (
     restore_handlers,
 )
 from qlight.loggers import CSVLogger, RunInfo, WandbLogger
+from qlight.protocols import NamedDataset, RunDescriber, TrainingMethod
 from qlight.runs import (
     RunCheckpoint,
     RunRecord,
@@ -69,6 +71,7 @@ class QlightSaveConfig(SaveConfigCallback):
     papers report the best accuracy during training, and the W&B run table then shows that number.
     """
 
+    @override
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":  # evaluating a run's checkpoint must not replace the run's training config
             return
@@ -77,7 +80,8 @@ class QlightSaveConfig(SaveConfigCallback):
                 config = self.parser.dump(self.config, skip_none=False, format="json")
                 run = logger.experiment
                 run.config.update({"qlight": json.loads(config)}, allow_val_change=True)
-                for key in ("val/acc1", f"val/acc{getattr(pl_module, 'top_k', 5)}"):
+                top_k = pl_module.top_k if isinstance(pl_module, ImageClassifier) else 5
+                for key in ("val/acc1", f"val/acc{top_k}"):
                     run.define_metric(key, summary="max")
 
 
@@ -92,11 +96,14 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 class QlightCLI(LightningCLI):
-    """LightningCLI that always checkpoints on ``val/acc1``, names runs from the experiment and manages
-    a run's lifecycle (see the module doc)."""
+    """LightningCLI that checkpoints on ``val/acc1``, names runs and manages a run's lifecycle.
+
+    See the module doc.
+    """
 
     _checkpoint: dict[str, Any] | None = None
 
+    @override
     def instantiate_classes(self) -> None:
         """Instantiate, turning qlight's validation errors (wrapped by jsonargparse) into a ConfigError."""
         try:
@@ -107,18 +114,22 @@ class QlightCLI(LightningCLI):
                 raise ConfigError(str(cause)) from err
             raise
 
+    @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         extra: list[Callback] = [RunRecord()]
         if self.subcommand == "fit":
             extra.append(StopOnSignal())
         trainer = super()._instantiate_trainer(config, [*callbacks, *extra])
         if not verbose():
-            trainer.callbacks = [
-                QuietModelSummary(max_depth=cb._max_depth) if type(cb) in (ModelSummary, RichModelSummary) else cb
-                for cb in trainer.callbacks
-            ]
+            set_callbacks(trainer, [
+                QuietModelSummary(max_depth=summary_max_depth(cb))
+                if isinstance(cb, ModelSummary) and type(cb) in (ModelSummary, RichModelSummary)
+                else cb
+                for cb in callbacks_of(trainer)
+            ])
         return trainer
 
+    @override
     def _parse_ckpt_path(self) -> None:
         """Check the checkpoint files, right after parsing and before anything expensive.
 
@@ -140,6 +151,7 @@ class QlightCLI(LightningCLI):
         if init_from:
             read_checkpoint(init_from, "model.init_from", lightning=False)
 
+    @override
     def before_instantiate_classes(self) -> None:
         """Give a run with a :func:`~qlight.loggers.run_tag` its own ``default_root_dir`` (``logs/<tag>``).
 
@@ -154,6 +166,7 @@ class QlightCLI(LightningCLI):
         if tag and config.get("trainer") and not config["trainer"].get("default_root_dir"):
             config["trainer"]["default_root_dir"] = os.path.join("logs", tag)
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -174,13 +187,15 @@ class QlightCLI(LightningCLI):
     def _describe_run(self) -> None:
         info = describe_run(self.model, self.datamodule, self.trainer, self._get(self.config, "seed_everything"))
         for logger in self.trainer.loggers:
-            describe = getattr(logger, "describe_run", None)
-            if describe is not None:
-                describe(info)
+            if isinstance(logger, RunDescriber):
+                logger.describe_run(info)
 
     def _prepare(self, subcommand: str) -> None:
-        """Name the run, find the checkpoint it continues, check that checkpoint against the config and
-        point the loggers and checkpoint folder at its run."""
+        """Name the run and continue the checkpoint's run, if one is given.
+
+        Finds the checkpoint it continues, checks that checkpoint against the config and points the loggers
+        and the checkpoint folder at its run.
+        """
         self._describe_run()
         config = self.config_init[subcommand]
         ckpt_path = config.get("ckpt_path")
@@ -196,8 +211,10 @@ class QlightCLI(LightningCLI):
             self._drop_lr_monitor_without_logger()
 
     def _find_last(self) -> Path | None:
-        """``--ckpt_path last``: the newest ``last.ckpt`` of this experiment's run folders (of the run
-        named by ``$QLIGHT_RUN_ID`` or the SLURM job, when one is set); ``None`` starts afresh."""
+        """``--ckpt_path last``: the newest ``last.ckpt`` of this experiment's run folders.
+
+        Of the run named by ``$QLIGHT_RUN_ID`` or the SLURM job, when one is set; ``None`` starts afresh.
+        """
         csv = csv_logger(self.trainer)
         if csv is not None:
             tag = qlight.loggers.run_tag()
@@ -205,7 +222,8 @@ class QlightCLI(LightningCLI):
             where = Path(csv.root_dir) / (tag or "")
         else:  # no CSV run folder: Lightning's checkpoint folder
             callback = self.trainer.checkpoint_callback
-            where = Path(getattr(callback, "dirpath", None) or Path(self.trainer.default_root_dir) / "checkpoints")
+            dirpath = callback.dirpath if isinstance(callback, ModelCheckpoint) else None
+            where = Path(dirpath or Path(self.trainer.default_root_dir) / "checkpoints")
             found = find_last_checkpoint(where)
         if found is None:
             _note(f"--ckpt_path last: no checkpoint of this run under {where}/, so it starts from the beginning")
@@ -227,8 +245,10 @@ class QlightCLI(LightningCLI):
             )
 
     def _continue_run(self, subcommand: str, ckpt_path: str, checkpoint: dict[str, Any]) -> None:
-        """Log into the checkpoint's run: its folder (``<run>/<subcommand>/`` when evaluating), its W&B
-        run and its checkpoint folder."""
+        """Log into the checkpoint's run.
+
+        Its folder (``<run>/<subcommand>/`` when evaluating), its W&B run and its checkpoint folder.
+        """
         run = run_dir_of(ckpt_path, checkpoint)
         if run is None:
             return
@@ -249,24 +269,30 @@ class QlightCLI(LightningCLI):
                 )
 
     def _drop_lr_monitor_without_logger(self) -> None:
-        monitors = [cb for cb in self.trainer.callbacks if isinstance(cb, LearningRateMonitor)]
+        callbacks = callbacks_of(self.trainer)
+        monitors = [cb for cb in callbacks if isinstance(cb, LearningRateMonitor)]
         if monitors and not self.trainer.loggers:
-            self.trainer.callbacks = [cb for cb in self.trainer.callbacks if cb not in monitors]
+            set_callbacks(self.trainer, [cb for cb in callbacks if cb not in monitors])
             _note("no logger (trainer.logger is false), so LearningRateMonitor is dropped: it needs one")
 
     def before_fit(self) -> None:
+        """Prepare the run (see :meth:`_prepare`); LightningCLI calls ``before_<subcommand>``."""
         self._prepare("fit")
 
     def before_validate(self) -> None:
+        """Prepare the run (see :meth:`_prepare`)."""
         self._prepare("validate")
 
     def before_test(self) -> None:
+        """Prepare the run (see :meth:`_prepare`)."""
         self._prepare("test")
 
     def before_predict(self) -> None:
+        """Prepare the run (see :meth:`_prepare`)."""
         self._prepare("predict")
 
     def after_fit(self) -> None:
+        """Print what the run produced (:func:`~qlight.runs.fit_summary`)."""
         if self.trainer.is_global_zero:
             print(fit_summary(self.trainer), flush=True)
 
@@ -276,12 +302,15 @@ class QlightCLI(LightningCLI):
             print(f"qlight: metrics: {os.path.join(csv.log_dir, 'metrics.csv')}", flush=True)
 
     def after_validate(self) -> None:
+        """Print where the metrics went."""
         self._say_where_metrics_went()
 
     def after_test(self) -> None:
+        """Print where the metrics went."""
         self._say_where_metrics_went()
 
     # ------------------------------------------------------------------ signals
+    @override
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; SIGTERM/SIGINT stop it as :class:`~qlight.interrupt.Interrupted` (see that module)."""
         context = "before training started; nothing to save" if subcommand == "fit" else ""
@@ -294,7 +323,7 @@ class QlightCLI(LightningCLI):
             restore_handlers(previous)
 
     def _interrupted(self) -> Interrupted:
-        stop = next((cb for cb in self.trainer.callbacks if isinstance(cb, StopOnSignal)), None)
+        stop = next((cb for cb in callbacks_of(self.trainer) if isinstance(cb, StopOnSignal)), None)
         if stop is None or stop.signum is None or stop.checkpoint is None:
             return Interrupted(signal.SIGTERM)
         step, epoch = stop.stopped_at or (self.trainer.global_step, self.trainer.current_epoch)
@@ -310,16 +339,21 @@ class QlightCLI(LightningCLI):
 
 def _note(text: str) -> None:
     """One line about a choice qlight made for the user."""
-    if rank_zero_only.rank == 0:
+    if process_rank() == 0:
         print(f"qlight: note: {text}", file=sys.stderr, flush=True)
 
 
-def describe_run(model: LightningModule, datamodule: LightningDataModule | None, trainer: Trainer, seed: Any) -> RunInfo:
+def describe_run(
+    model: LightningModule, datamodule: LightningDataModule | None, trainer: Trainer, seed: Any
+) -> RunInfo:
     """Dataset, architecture, method and bits of a configured experiment."""
-    dataset = getattr(datamodule, "dataset_name", None) or type(datamodule).__name__.removesuffix("DataModule").lower()
+    if isinstance(datamodule, NamedDataset):
+        dataset = datamodule.dataset_name
+    else:
+        dataset = type(datamodule).__name__.removesuffix("DataModule").lower()
     arch = str(model.hparams.get("model", type(model).__name__)).removeprefix("torchvision.")
-    spec = getattr(model, "quant_spec", None)
-    methods = [cb.method_name for cb in trainer.callbacks if getattr(cb, "method_name", None)]
+    spec = model.quant_spec if isinstance(model, ImageClassifier) else None
+    methods = [cb.method_name for cb in callbacks_of(trainer) if isinstance(cb, TrainingMethod) and cb.method_name]
     if methods:
         method = methods[0]
     else:
@@ -361,7 +395,7 @@ def main(args: ArgsType = None, run: bool = True) -> QlightCLI:
         print(f"qlight: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except Interrupted as stop:
-        if rank_zero_only.rank == 0:
+        if process_rank() == 0:
             print(f"qlight: {stop}", file=sys.stderr, flush=True)
         raise SystemExit(exit_status(stop.signum)) from None
     finally:
@@ -403,8 +437,11 @@ def console_main() -> None:
 
 
 def _finish_wandb(status: int) -> None:
-    """Close the W&B run before the interpreter exits: W&B's exit hook prints its closing lines with
-    ANSI colours even into a file, and marks a run stopped by a signal as finished."""
+    """Close the W&B run before the interpreter exits.
+
+    W&B's exit hook prints its closing lines with ANSI colours even into a file, and marks a run stopped
+    by a signal as finished.
+    """
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=status)
@@ -422,7 +459,7 @@ def _build_cli(args: ArgsType, run: bool) -> QlightCLI:
     subcommand_kwargs = {sub: {"epilog": CLASS_HELP} for sub in ("fit", "validate", "test", "predict")}
     return QlightCLI(
         model_class=ImageClassifier,
-        datamodule_class=LightningDataModule,
+        datamodule_class=ImageDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,

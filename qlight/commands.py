@@ -10,6 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from typing_extensions import override
+
 __all__ = ["SUBCOMMANDS", "ArgumentParser", "run_subcommand"]
 
 SUBCOMMANDS = ("report", "grid")
@@ -18,6 +20,7 @@ SUBCOMMANDS = ("report", "grid")
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one ``qlight: error:`` line (a ValueError), not usage text and exit."""
 
+    @override
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ValueError(message)
 

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser
+from typing_extensions import override
 
 from qlight.console import verbose
 
@@ -66,11 +67,11 @@ def _known_classes(key: str) -> list[str]:
         return [n for n in dir(module) if not n.startswith("_") and inspect.isclass(getattr(module, n))
                 and issubclass(getattr(module, n), base) and getattr(module, n) is not base]
 
-    from lightning.pytorch import Callback, LightningDataModule, LightningModule
+    from lightning.pytorch import Callback, LightningModule
     from lightning.pytorch.loggers import Logger
 
     if key == "data":
-        return public(qlight.data, LightningDataModule)
+        return public(qlight.data, qlight.data.ImageDataModule)
     if key == "model":
         return public(qlight.tasks, LightningModule)
     if key.startswith("trainer.callbacks"):
@@ -139,8 +140,8 @@ def condense(message: str, parser: ArgumentParser | None = None) -> str:
         return f"{key or 'config'}: no such file {found.group(1)!r}"
 
     if found := re.search(r"invalid choice: '([^']*)' \(choose from ([^)]*)\)", message):
-        bad, choices = found.groups()
-        names = [c.strip(" '") for c in choices.split(",")]
+        bad, listed = found.groups()
+        names = [c.strip(" '") for c in listed.split(",")]
         return f"unknown command {bad!r}; choose from {', '.join(names)}{_did_you_mean(bad, names)}"
 
     types = re.findall(r"Expected a <class '(\w+)'>", message)
@@ -158,6 +159,7 @@ def condense(message: str, parser: ArgumentParser | None = None) -> str:
 class QlightArgumentParser(LightningArgumentParser):
     """LightningArgumentParser whose errors are one ``qlight: error:`` line and exit status 2."""
 
+    @override
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         from jsonargparse._common import debug_mode_active  # private, but stable since jsonargparse 4.x
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any
+from typing import Any, cast
 
 from lightning.pytorch.callbacks import ModelSummary
-from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+from typing_extensions import override
+
+from qlight._lightning_compat import format_summary_table
 
 __all__ = ["QuietModelSummary", "be_quiet", "set_verbose", "verbose"]
 
@@ -43,6 +45,7 @@ def set_verbose(on: bool) -> None:
 
 
 class _DropTips(logging.Filter):
+    @override
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.getMessage()).startswith(_QUIET_LOG_PREFIXES)
 
@@ -55,7 +58,7 @@ def be_quiet() -> None:
     global _we_silenced_wandb
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")]
     if verbose():
-        warnings.filters[:] = [f for f in warnings.filters if not (f[0] == "ignore" and f[1] is not None
+        cast(list, warnings.filters)[:] = [f for f in warnings.filters if not (f[0] == "ignore" and f[1] is not None
                                                                   and f[1].pattern in _QUIET_WARNINGS)]
         for logger in loggers:  # the loggers rank_zero_info writes to
             for tip_filter in [f for f in logger.filters if isinstance(f, _DropTips)]:
@@ -87,9 +90,10 @@ class QuietModelSummary(ModelSummary):
         total_flops: int = 0,
         **summarize_kwargs: Any,
     ) -> None:
+        """Log the summary table, without FLOPs when they are unknown."""
         if not total_flops:
             summary_data = [column for column in summary_data if column[0] != "FLOPs"]
-        table = _format_summary_table(
+        table = format_summary_table(
             total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, *summary_data
         )
         if not total_flops:

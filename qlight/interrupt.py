@@ -33,6 +33,9 @@ from typing import Any
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
+
+from qlight._lightning_compat import cluster_environment, set_stop_requested
 
 __all__ = ["Interrupted", "StopOnSignal", "exit_status", "immediate_stop_handlers", "lightning_handles_signals",
            "restore_handlers"]
@@ -60,8 +63,10 @@ def _say(text: str) -> None:
 
 
 def immediate_stop_handlers(context: str = "") -> dict[int, Any]:
-    """Make SIGTERM/SIGINT stop the command at once (as :class:`Interrupted`, its message ending in
-    ``context``); returns the handlers replaced, for :func:`restore_handlers`.
+    """Make SIGTERM/SIGINT stop the command at once; returns the handlers replaced.
+
+    The stop is an :class:`Interrupted` whose message ends in ``context``; :func:`restore_handlers` puts
+    the returned handlers back.
 
     In ``fit`` they are active until training starts, when :class:`StopOnSignal` takes over.
     """
@@ -69,7 +74,7 @@ def immediate_stop_handlers(context: str = "") -> dict[int, Any]:
     def stop(signum: int, frame: FrameType | None) -> None:
         raise Interrupted(signum, message=" ".join(filter(None, [f"stopped by {signal.Signals(signum).name}", context])))
 
-    previous = {}
+    previous: dict[int, Any] = {}
     for signum in SIGNALS:
         previous[signum] = signal.getsignal(signum)
         signal.signal(signum, stop)
@@ -77,14 +82,17 @@ def immediate_stop_handlers(context: str = "") -> dict[int, Any]:
 
 
 def restore_handlers(previous: dict[int, Any]) -> None:
+    """Put back the signal handlers :func:`immediate_stop_handlers` replaced."""
     for signum, handler in previous.items():
         signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def lightning_handles_signals(trainer: Trainer) -> bool:
-    """SLURM auto-requeue (Lightning's SIGUSR1/SIGTERM handling) or several processes (DDP): then
-    qlight leaves the signals to Lightning."""
-    environment = trainer._accelerator_connector.cluster_environment
+    """Whether Lightning handles the signals: SLURM auto-requeue or several processes (DDP).
+
+    qlight then leaves SIGTERM/SIGINT to Lightning.
+    """
+    environment = cluster_environment(trainer)
     slurm = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
     return slurm or trainer.world_size > 1
 
@@ -127,29 +135,35 @@ class StopOnSignal(Callback):
             signal.signal(signum, self._handle)
 
     # ------------------------------------------------------------------ hooks
+    @override
     def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._install(trainer)
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._install(trainer)
         self._training = bool(self._previous)
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Lightning raises SIGTERMException once this step's hooks (and a due validation) are done
         if self.signum is not None:
-            trainer._signal_connector.received_sigterm = True
+            set_stop_requested(trainer, True)
 
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # let a validation inside fit finish: with the flag set, Lightning stops it after one batch
         if self.signum is not None and trainer.state.fn == "fit":
-            trainer._signal_connector.received_sigterm = False
+            set_stop_requested(trainer, False)
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.signum is not None and trainer.state.fn == "fit":
-            trainer._signal_connector.received_sigterm = True
+            set_stop_requested(trainer, True)
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self.signum is None or not isinstance(exception, SIGTERMException):
             return
@@ -158,6 +172,7 @@ class StopOnSignal(Callback):
         self.checkpoint = str(path)
         self.stopped_at = (trainer.global_step, trainer.current_epoch)
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._training = False
         restore_handlers(self._previous)

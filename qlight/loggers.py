@@ -15,13 +15,24 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from typing_extensions import override
+
+from qlight._lightning_compat import (
+    existing_experiment,
+    logger_filesystem,
+    move_csv_logger,
+    set_experiment,
+    set_logger_name,
+    set_wandb_id,
+    wandb_init_args,
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,7 @@ class RunInfo:
 
     @property
     def tags(self) -> list[str]:
+        """W&B tags: method, bits, dataset, architecture."""
         return [self.method, self.bits, self.dataset, self.arch]
 
 
@@ -81,6 +93,11 @@ def wandb_logged_in() -> bool:
         return False
 
 
+#: ``auto``: offline unless logged in to W&B (``WANDB_MODE`` wins), else the named mode
+WandbMode = Literal["auto", "online", "offline", "disabled"]
+WANDB_MODES: tuple[WandbMode, ...] = get_args(WandbMode)
+
+
 class WandbLogger(_WandbLogger):
     """Lightning's W&B logger with automatic online/offline choice and derived names.
 
@@ -101,15 +118,15 @@ class WandbLogger(_WandbLogger):
     def __init__(
         self,
         project: str = "qlight",
-        mode: Literal["auto", "online", "offline", "disabled"] = "auto",
+        mode: WandbMode = "auto",
         name: str | None = None,
         group: str | None = None,
         tags: list[str] | None = None,
         save_dir: str = "logs",
         **kwargs: Any,
     ) -> None:
-        if mode not in ("auto", "online", "offline", "disabled"):
-            raise ValueError(f"WandbLogger.mode={mode!r}; valid: ['auto', 'online', 'offline', 'disabled']")
+        if mode not in WANDB_MODES:
+            raise ValueError(f"WandbLogger.mode={mode!r}; valid: {list(WANDB_MODES)}")
         if mode == "auto":
             env_mode = os.environ.get("WANDB_MODE")
             mode = "offline" if env_mode in ("offline", "dryrun") or not wandb_logged_in() else "online"
@@ -117,7 +134,7 @@ class WandbLogger(_WandbLogger):
                 mode = "disabled"
         self.mode = mode
         os.makedirs(save_dir, exist_ok=True)
-        extra = {"mode": "disabled"} if mode == "disabled" else {}
+        extra: dict[str, Any] = {"mode": "disabled"} if mode == "disabled" else {}
         super().__init__(
             project=project,
             name=name,
@@ -128,15 +145,19 @@ class WandbLogger(_WandbLogger):
             **extra,
             **kwargs,
         )
-        if self._wandb_init.get("anonymous") is None:  # wandb warns that the setting has no effect
-            self._wandb_init.pop("anonymous", None)
+        init = wandb_init_args(self)
+        if init.get("anonymous") is None:  # wandb warns that the setting has no effect
+            init.pop("anonymous", None)
 
     @property
+    @override
     @rank_zero_experiment
     def experiment(self) -> Any:
-        """The W&B run, created on first use; when W&B itself is silenced (``WANDB_SILENT``, qlight's
-        default) one line says where the run lives."""
-        created = self._experiment is None
+        """The W&B run, created on first use.
+
+        When W&B itself is silenced (``WANDB_SILENT``, qlight's default), one line says where the run lives.
+        """
+        created = existing_experiment(self) is None
         run = super().experiment
         if created and self.mode != "disabled" and os.environ.get("WANDB_SILENT", "").lower() == "true":
             print(f"qlight: W&B {self.where()}", file=sys.stderr, flush=True)
@@ -144,7 +165,7 @@ class WandbLogger(_WandbLogger):
 
     def where(self) -> str:
         """The run's URL, or for an offline run its folder and the command that uploads it."""
-        run = self._experiment
+        run = existing_experiment(self)
         if run is None or self.mode == "disabled":
             return "disabled"
         if self.mode == "offline":
@@ -154,17 +175,20 @@ class WandbLogger(_WandbLogger):
 
     def continue_run(self, run_id: str) -> None:
         """Log into the existing W&B run ``run_id`` (a resumed run, or evaluating a run's checkpoint)."""
-        if self._experiment is None:
-            self._wandb_init["id"] = self._id = run_id
-            self._wandb_init["resume"] = "allow"
+        if existing_experiment(self) is None:
+            init = wandb_init_args(self)
+            init["id"] = run_id
+            init["resume"] = "allow"
+            set_wandb_id(self, run_id)
 
     def describe_run(self, info: RunInfo) -> None:
         """Fill name, group and tags the config left empty (before the run is created)."""
-        if self._experiment is not None:
+        if existing_experiment(self) is not None:
             return
-        init = self._wandb_init
+        init = wandb_init_args(self)
         if not init.get("name"):
-            init["name"] = self._name = info.name
+            init["name"] = info.name
+            set_logger_name(self, info.name)
         if not init.get("group"):
             init["group"] = info.group
         if not init.get("tags"):
@@ -172,7 +196,8 @@ class WandbLogger(_WandbLogger):
         init.setdefault("job_type", "train")
         tag = run_tag()
         if tag and not init.get("id"):
-            init["id"] = self._id = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{init['name']}-{tag}")[:128]
+            init["id"] = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{init['name']}-{tag}")[:128]
+            set_wandb_id(self, init["id"])
             init.setdefault("resume", "allow")
 
 
@@ -185,7 +210,7 @@ class CSVLogger(_CSVLogger):
 
     def __init__(
         self, save_dir: str = "logs", name: str | None = None, version: int | str | None = None, **kwargs: Any
-    ):
+    ) -> None:
         self._continued = version is None and run_tag() is not None
         if version is None:
             version = run_tag()
@@ -194,12 +219,15 @@ class CSVLogger(_CSVLogger):
 
     def describe_run(self, info: RunInfo) -> None:
         """Name the run folder after the experiment when the config gave no name."""
-        if self._auto_name and self._experiment is None:
-            self._name = f"{info.group}/{info.name}"
+        if self._auto_name and existing_experiment(self) is None:
+            set_logger_name(self, f"{info.group}/{info.name}")
 
+    @override
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
-        """Write the buffered rows with every checkpoint (Lightning flushes only every 100 steps), so a run
-        killed later and resumed from that checkpoint keeps every metric logged before it."""
+        """Write the buffered rows with every checkpoint (Lightning flushes only every 100 steps).
+
+        A run killed later and resumed from that checkpoint then keeps every metric logged before it.
+        """
         self.save()
 
     def continue_in(self, log_dir: str | os.PathLike[str], replace: Literal["later", "same"] = "later") -> None:
@@ -209,26 +237,27 @@ class CSVLogger(_CSVLogger):
         the interrupted run wrote after its checkpoint; ``replace="same"`` (evaluations of a run's
         checkpoints, one row per evaluated step) drops only rows of the steps logged again.
         """
-        if self._experiment is not None:
+        if existing_experiment(self) is not None:
             raise RuntimeError("CSVLogger.continue_in must be called before the logger writes")
         path = Path(log_dir)
-        self._root_dir = self._save_dir = str(path.parent.parent)
-        self._name = path.parent.name
-        self._version = path.name
+        move_csv_logger(self, str(path.parent.parent), path.parent.name, path.name)
         self._continued = True
         self._replace = replace
 
     @property
+    @override
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         """Lightning's writer; for a continued run (a :func:`run_tag`) one that keeps the earlier rows."""
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
+        writer = existing_experiment(self)
+        if writer is None:
+            logger_filesystem(self).makedirs(self.root_dir, exist_ok=True)
             if self._continued:
-                self._experiment = ContinuedExperimentWriter(self.log_dir, getattr(self, "_replace", "later"))
+                writer = ContinuedExperimentWriter(self.log_dir, getattr(self, "_replace", "later"))
             else:
-                self._experiment = ExperimentWriter(log_dir=self.log_dir)
-        return self._experiment
+                writer = ExperimentWriter(log_dir=self.log_dir)
+            set_experiment(self, writer)
+        return writer
 
 
 class ContinuedExperimentWriter(ExperimentWriter):
@@ -244,12 +273,14 @@ class ContinuedExperimentWriter(ExperimentWriter):
         self._replace = replace
         super().__init__(log_dir)
 
+    @override
     def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+        if logger_filesystem(self).isfile(self.metrics_file_path):
+            with logger_filesystem(self).open(self.metrics_file_path, "r", newline="") as file:
                 self.metrics_keys = sorted(csv.DictReader(file).fieldnames or [])
             self._resume_pending = True
 
+    @override
     def save(self) -> None:
         if self._resume_pending and self.metrics:
             steps = {int(m["step"]) for m in self.metrics}
@@ -261,9 +292,9 @@ class ContinuedExperimentWriter(ExperimentWriter):
                 step = int(row["step"])
                 return step not in steps if self._replace == "same" else step < first_step
 
-            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            with logger_filesystem(self).open(self.metrics_file_path, "r", newline="") as file:
                 kept = [row for row in csv.DictReader(file) if keep(row)]
-            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+            with logger_filesystem(self).open(self.metrics_file_path, "w", newline="") as file:
                 writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
                 writer.writeheader()
                 writer.writerows(kept)

@@ -63,6 +63,7 @@ class RunState:
 
     @property
     def finished(self) -> bool:
+        """Whether the run finished."""
         return self.state == "finished"
 
     def __str__(self) -> str:
@@ -91,7 +92,7 @@ class RunFolder:
         except (OSError, yaml.YAMLError) as err:
             raise ValueError(f"{config_path}: cannot read the run's config ({type(err).__name__}: {err})") from None
         if not isinstance(config, dict):
-            raise ValueError(f"{config_path}: not a config mapping")
+            raise ValueError(f"{config_path}: not a config mapping")  # noqa: TRY004 - the file's content is wrong
         rows: list[dict[str, str]] = []
         if metrics_path.is_file():
             with open(metrics_path, newline="") as file:
@@ -106,6 +107,7 @@ class RunFolder:
 
     @property
     def seed(self) -> int | None:
+        """The run's ``seed_everything`` (None when not an integer)."""
         seed = self.config.get("seed_everything")
         return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
@@ -117,6 +119,7 @@ class RunFolder:
     # --- metrics ----------------------------------------------------------------------------------------
     @property
     def columns(self) -> list[str]:
+        """The columns of ``metrics.csv``."""
         return list(self.rows[0].keys()) if self.rows else []
 
     def series(self, metric: str) -> dict[int, float]:
@@ -137,7 +140,7 @@ class RunFolder:
             if epoch is None:
                 continue
             if any(
-                v not in (None, "") and (k.startswith("val/") or k.startswith("train/acc"))
+                v not in (None, "") and k.startswith(("val/", "train/acc"))
                 for k, v in row.items()
             ):
                 last = max(last, int(epoch))
@@ -145,6 +148,7 @@ class RunFolder:
 
     @property
     def last_step(self) -> int:
+        """The last step logged (-1 when none)."""
         steps = [_to_float(r.get("step")) for r in self.rows]
         return int(max((s for s in steps if s is not None), default=-1))
 
@@ -170,6 +174,7 @@ class RunFolder:
     # --- grid record and state --------------------------------------------------------------------------
     @property
     def grid_record(self) -> dict[str, Any] | None:
+        """What ``qlight grid`` recorded about the run, if it ran it."""
         return read_grid_record(self.own_folder)
 
     def state(self) -> RunState:

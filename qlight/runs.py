@@ -25,7 +25,9 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
 
+from qlight._lightning_compat import existing_experiment, set_evaluated_position
 from qlight.checkpoints import read_checkpoint
 from qlight.loggers import CSVLogger, WandbLogger
 
@@ -79,14 +81,17 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     @property
+    @override
     def state_key(self) -> str:
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         due = not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer)
         super().on_train_epoch_end(trainer, pl_module)
         self._save_last_if_missed(trainer, due)
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         due = not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer)
         super().on_validation_end(trainer, pl_module)
@@ -120,6 +125,7 @@ class RunRecord(Callback):
     checkpoint, the metrics are logged at its step and epoch rather than at 0.
     """
 
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         csv, wandb = csv_logger(trainer), wandb_logger(trainer)
         checkpoint[IDENTITY_KEY] = {
@@ -127,23 +133,27 @@ class RunRecord(Callback):
             "wandb_id": wandb.version if wandb is not None else None,
         }
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         loaded = trainer.ckpt_path
         states = checkpoint.get("callbacks") or {}
         for callback in trainer.checkpoint_callbacks:
-            state = states.get(callback.state_key) if isinstance(callback, ModelCheckpoint) else None
+            if not isinstance(callback, ModelCheckpoint):
+                continue
+            state = states.get(callback.state_key)
             if not state or not callback.dirpath or state.get("dirpath") == callback.dirpath:
                 continue
             here = loaded is not None and _same_dir(os.path.dirname(str(loaded)), callback.dirpath)
             if here or _same_dir(state.get("dirpath"), callback.dirpath):
                 states[callback.state_key] = _rehome(state, str(callback.dirpath))
         if trainer.state.fn != "fit":
-            trainer.fit_loop.epoch_loop._batches_that_stepped = int(checkpoint.get("global_step", 0))
-            trainer.fit_loop.epoch_progress.current.completed = int(checkpoint.get("epoch", 0))
+            set_evaluated_position(trainer, int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", 0)))
 
 
 def _same_dir(a: str | None, b: str | os.PathLike[str]) -> bool:
-    return bool(a) and os.path.realpath(a) == os.path.realpath(b)  # type: ignore[arg-type]
+    if not a:
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _rehome(state: dict[str, Any], dirpath: str) -> dict[str, Any]:
@@ -162,8 +172,11 @@ def _rehome(state: dict[str, Any], dirpath: str) -> dict[str, Any]:
 
 
 def fit_summary(trainer: Trainer) -> str:
-    """What a finished ``fit`` produced, in a few lines: best ``val/acc1`` and its epoch, the best and
-    last checkpoints, ``metrics.csv`` and the W&B run (its URL, or how to upload an offline run)."""
+    """What a finished ``fit`` produced, in a few lines.
+
+    The best ``val/acc1`` and its epoch, the best and last checkpoints, ``metrics.csv`` and the W&B run (its
+    URL, or how to upload an offline run).
+    """
     lines = [f"qlight: fit done: {trainer.current_epoch} epoch(s), {trainer.global_step} step(s)"]
     callback = trainer.checkpoint_callback
     if isinstance(callback, ModelCheckpoint):
@@ -179,6 +192,6 @@ def fit_summary(trainer: Trainer) -> str:
     if csv is not None:
         lines.append(f"  metrics: {os.path.join(csv.log_dir, 'metrics.csv')}")
     wandb = wandb_logger(trainer)
-    if wandb is not None and wandb._experiment is not None:
+    if wandb is not None and existing_experiment(wandb) is not None:
         lines.append(f"  W&B: {wandb.where()}")
     return "\n".join(lines)

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ResumableLoader, assert_same_state, checkpointing, crash_and_resume
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -305,44 +305,41 @@ def test_standalone_clip_for_ste_baselines(tmp_path: Path) -> None:
         trainer(tmp_path, [LatentWeightClip()]).fit(tiny_module(16, 1), loader())
 
 
-def test_resume_mid_epoch_and_at_epoch_end_restores_alpha(tmp_path: Path) -> None:
-    """A per-step schedule resumed from a mid-epoch checkpoint and a per-epoch one from an epoch boundary."""
-    per_step = Schedule(law="linear", start=0.5, end=1.0, ramp=10, unit="step")
-    ckpt_dir = tmp_path / "ckpt"
+def _aqe_fit(callbacks: list[Callback], root: Path, ckpt_path: str | None) -> tuple[LightningModule, Trainer]:
+    """3 epochs of 4 batches of the tiny W1A1 ConvNet with AQE, resumable mid-epoch."""
     seed_everything(0)
-    full = Probe()
-    saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=6, save_top_k=-1, filename="{step}")
-    trainer(tmp_path, [AQE(alpha=per_step), full, saver], max_epochs=3, enable_checkpointing=True).fit(
-        tiny_module(), loader()
-    )
-    ckpt = torch.load(ckpt_dir / "step=6.ckpt")
-    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 6  # saved inside epoch 1
-    mixes = {v.item() for k, v in ckpt["state_dict"].items() if k.endswith(".mix")}
-    assert mixes == {f32(per_step.value(1, 5))}  # the value the last step trained with
-    seed_everything(0)
-    resumed = Probe()
-    trainer(tmp_path, [AQE(alpha=per_step), resumed], max_epochs=3).fit(
-        tiny_module(), loader(), ckpt_path=ckpt_dir / "step=6.ckpt"
-    )
-    assert resumed.start == (1, 6, {f32(per_step.value(1, 6))})
-    assert resumed.seen and all(full.seen[s] == v for s, v in resumed.seen.items())
+    module, data = tiny_module(), ResumableLoader(list(loader()))
+    tr = trainer(root, callbacks, max_epochs=3, enable_checkpointing=checkpointing(callbacks))
+    data.trainer = tr
+    tr.fit(module, data, ckpt_path=ckpt_path)
+    return module, tr
 
-    # epoch boundary, per-epoch schedule: the resumed run equals the uninterrupted one parameter for parameter
-    per_epoch = Schedule(law="linear", start=0.5, end=1.0, ramp=2)
-    seed_everything(0)
-    uninterrupted = tiny_module()
-    saver = ModelCheckpoint(
-        dirpath=ckpt_dir, every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=-1, filename="{epoch}"
-    )
-    trainer(tmp_path, [AQE(alpha=per_epoch), saver], enable_checkpointing=True).fit(uninterrupted, loader())
-    seed_everything(0)
-    probe, module = Probe(), tiny_module()
-    trainer(tmp_path, [AQE(alpha=per_epoch), probe]).fit(
-        module, loader(), ckpt_path=ckpt_dir / "epoch=0.ckpt"
-    )
-    assert probe.start == (1, 4, {0.75})
-    for (name, a), b in zip(uninterrupted.state_dict().items(), module.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+
+@pytest.mark.parametrize(
+    ("schedule", "crash_step", "resumed_alpha"),
+    [
+        (Schedule(law="linear", start=0.5, end=1.0, ramp=10, unit="step"), 6, 0.8),  # inside epoch 1
+        (Schedule(law="linear", start=0.5, end=1.0, ramp=2), 4, 0.75),  # at the end of epoch 0
+    ],
+    ids=["per_step_mid_epoch", "per_epoch_epoch_end"],
+)
+def test_crash_then_resume_equals_the_uninterrupted_run(
+    tmp_path: Path, schedule: Schedule, crash_step: int, resumed_alpha: float
+) -> None:
+    """A resumed run restores alpha where it was and ends with every parameter, buffer and optimizer tensor
+    equal to the uninterrupted run's."""
+    runs = crash_and_resume(_aqe_fit, tmp_path, crash_step, lambda: [AQE(alpha=schedule), Probe()])
+    assert_same_state(runs.straight, runs.resumed)
+    ckpt = torch.load(runs.checkpoint, weights_only=False)
+    epoch = crash_step // 4
+    assert ckpt["global_step"] == crash_step
+    mixes = {v.item() for k, v in ckpt["state_dict"].items() if k.endswith(".mix")}
+    last = schedule.value(epoch if schedule.unit == "step" else epoch - 1, crash_step - 1)
+    assert mixes == {f32(last)}  # the value the last step before the checkpoint trained with
+    full, resumed = runs.straight_callbacks[1], runs.resumed_callbacks[1]
+    assert isinstance(full, Probe) and isinstance(resumed, Probe)
+    assert resumed.start == (epoch, crash_step, {f32(resumed_alpha)})
+    assert resumed.seen and all(full.seen[s] == v for s, v in resumed.seen.items())
 
 
 def test_aqe_rejects_alpha_outside_unit_interval() -> None:

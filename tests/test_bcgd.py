@@ -2,210 +2,37 @@
 gradient accumulation, exact crash/resume (epoch boundary and mid-epoch), activation-resolution
 staging, the in-place alpha clamp, the recipes and the CLI path.
 
-The helpers at the top (tiny registered network, task and trainer factories, a resumable loader)
-are shared with ``test_binary_relax.py`` and ``test_bcgd_ddp.py``.
+The tiny task, the trainer and the crash/resume harness come from ``helpers.py``.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from helpers import (
+    CONF,
+    StepRecorder,
+    assert_same_state,
+    batches,
+    crash_and_resume,
+    loader,
+    make_task,
+    make_trainer,
+    tiny_fit,
+    training_state,
+)
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
 
 from qlight.callbacks import BCGD, BinaryRelax
-from qlight.callbacks.bcgd import rho_at, training_weight
-from qlight.cli import main
-from qlight.models import list_models, register_model
+from qlight.callbacks.bcgd import rho_at
+from qlight.cli import describe_run, main
 from qlight.quant import QuantAct, QuantSpec, quant_acts, quant_layers
-from qlight.tasks import ImageClassifier
-
-CONF = Path(__file__).parent / "conf"
-
-# ----------------------------------------------------------------------------------------------------
-# shared helpers
-
-
-class TinyNet(nn.Module):
-    """conv-BN-act-conv-BN-act (one activation module used twice, like a ResNet block) + linear head."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.act1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.act2 = self.act1
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.act2(self.bn2(self.conv2(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
-if "bcgd_tiny" not in list_models():
-    register_model("bcgd_tiny")(TinyNet)
-
-W1A4 = QuantSpec(weight="binary", w_bits=1, act="relu_quant", a_bits=4)
-
-
-def make_task(
-    quant: QuantSpec | None = W1A4,
-    lr: float = 0.1,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    milestones: list[int] | None = None,
-    **kwargs: Any,
-) -> ImageClassifier:
-    """ImageClassifier on the tiny net with SGD (and an optional MultiStepLR), seeded init."""
-    seed_everything(0)
-    scheduler = None
-    if milestones:
-        scheduler = functools.partial(torch.optim.lr_scheduler.MultiStepLR, milestones=milestones)
-    return ImageClassifier(
-        model="bcgd_tiny",
-        quant=quant,
-        optimizer=functools.partial(torch.optim.SGD, lr=lr, momentum=momentum, weight_decay=weight_decay),
-        lr_scheduler=scheduler,
-        **kwargs,
-    )
-
-
-def batches(n: int = 8, batch_size: int = 8, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(batch_size, 3, 8, 8, generator=g), torch.randint(0, 10, (batch_size,), generator=g))
-        for _ in range(n)
-    ]
-
-
-def loader(n: int = 8, batch_size: int = 8, seed: int = 0) -> DataLoader[tuple[Tensor, Tensor]]:
-    """Unshuffled random 3x8x8 images with random labels."""
-    x, y = (torch.cat(t) for t in zip(*batches(n, batch_size, seed), strict=True))
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
-def make_trainer(callbacks: list[Callback], root: Path | None = None, **kwargs: Any) -> Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "deterministic": True,
-        "num_sanity_val_steps": 0,
-        "default_root_dir": root,
-    }
-    options.update(kwargs)
-    return Trainer(callbacks=callbacks, **options)
-
-
-def full_state(task: LightningModule, trainer: Trainer) -> dict[str, Tensor]:
-    """Every parameter and buffer of the module plus the optimizer's momentum buffers."""
-    state = {f"model.{k}": v.detach().clone() for k, v in task.state_dict().items()}
-    for i, s in trainer.optimizers[0].state_dict()["state"].items():
-        for k, v in s.items():
-            if isinstance(v, Tensor):
-                state[f"optim.{i}.{k}"] = v.clone()
-    return state
-
-
-def assert_same_state(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"differ: {different}"
-
-
-class ResumableLoader:
-    """A fixed batch sequence per epoch that resumes mid-epoch at the first unprocessed batch.
-
-    Lightning saves ``state_dict()`` in the checkpoint and calls ``load_state_dict()`` before the
-    resumed epoch iterates (the protocol torchdata's ``StatefulDataLoader`` implements). The position
-    is read from the trainer's batch progress, so the loader does not depend on Lightning's prefetching.
-    """
-
-    def __init__(self, data: list[tuple[Tensor, Tensor]]) -> None:
-        self.data = data
-        self.trainer: Trainer | None = None
-        self._start = 0
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        start, self._start = self._start, 0
-        yield from self.data[start:]
-
-    def state_dict(self) -> dict[str, int]:
-        assert self.trainer is not None
-        return {"next": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed % len(self.data)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._start = state["next"]
-
-
-class CrashAt(Callback):
-    """Raise before the optimizer step ``step`` runs (a crash after ``step`` completed steps)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
-def crash_and_resume(
-    tmp_path: Path,
-    make_callbacks: Any,
-    crash_step: int,
-    epochs: int,
-    data: list[tuple[Tensor, Tensor]],
-    **task_kwargs: Any,
-) -> tuple[dict[str, Tensor], dict[str, Tensor], list[Callback], list[Callback]]:
-    """Final states of an uninterrupted run and of a crashed-then-resumed one (plus their callbacks)."""
-    val = DataLoader(TensorDataset(*(torch.cat(t) for t in zip(*data[:1], strict=True))), batch_size=8)
-
-    def run(
-        callbacks: list[Callback], ckpt_path: str | None = None, checkpoint: ModelCheckpoint | None = None
-    ) -> tuple[LightningModule, Trainer]:
-        task = make_task(**task_kwargs)
-        train = ResumableLoader(data)
-        extra = [checkpoint] if checkpoint is not None else []
-        trainer = make_trainer(
-            callbacks + extra, tmp_path, max_epochs=epochs, enable_checkpointing=checkpoint is not None
-        )
-        train.trainer = trainer
-        trainer.fit(task, train, val, ckpt_path=ckpt_path)
-        return task, trainer
-
-    straight_cbs = make_callbacks()
-    task, trainer = run(straight_cbs)
-    straight = full_state(task, trainer)
-
-    at_crash = ModelCheckpoint(
-        tmp_path / "ckpt", filename="{step}", every_n_train_steps=crash_step, save_top_k=-1
-    )
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run([*make_callbacks(), CrashAt(crash_step)], checkpoint=at_crash)
-    resumed_cbs = make_callbacks()
-    task, trainer = run(resumed_cbs, ckpt_path=str(tmp_path / "ckpt" / f"step={crash_step}.ckpt"))
-    return straight, full_state(task, trainer), straight_cbs, resumed_cbs
-
 
 # ----------------------------------------------------------------------------------------------------
 # schedule
@@ -236,9 +63,17 @@ def test_bad_arguments_name_the_field(kwargs: dict[str, float], match: str) -> N
         BCGD(**kwargs)
 
 
-def test_method_names_name_the_runs() -> None:
-    """The CLI names W&B runs after the first callback with a ``method_name`` ('br' runs as BinaryRelax)."""
-    assert (BCGD.method_name, BinaryRelax.method_name) == ("bcgd", "binaryrelax")
+def test_runs_are_named_after_the_first_method_callback() -> None:
+    """The CLI names runs after the first training-method callback ('br' runs, BinaryRelax then BCGD, as
+    binaryrelax); without one, after the spec (ste) or its absence (float)."""
+    task, float_task = make_task(), make_task(quant=None)
+    for model, callbacks, method in (
+        (task, [BinaryRelax(), BCGD()], "binaryrelax"),
+        (task, [BCGD(), BinaryRelax()], "bcgd"),
+        (task, [StepRecorder()], "ste"),
+        (float_task, [], "float"),
+    ):
+        assert describe_run(model, None, make_trainer(callbacks), seed=0).method == method
 
 
 def test_needs_quantized_layers() -> None:
@@ -248,36 +83,6 @@ def test_needs_quantized_layers() -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # the step itself
-
-
-class StepRecorder(Callback):
-    """Before BCGD (earlier in the callback list): w, grad and the forward weight G of each step."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, list[Tensor]]] = []
-        self.final: dict[str, list[Tensor]] = {}
-
-    @staticmethod
-    def _params(pl_module: LightningModule) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        quantized = [m.weight for _, m in quant_layers(pl_module)]
-        floats = [pl_module.model.fc.weight, pl_module.model.bn1.weight]
-        return quantized, floats
-
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        q, f = self._params(pl_module)
-        self.steps.append(
-            {
-                "w": [p.detach().clone() for p in q],
-                "g": [p.grad.clone() for p in q],
-                "G": [training_weight(m) for _, m in quant_layers(pl_module)],
-                "fw": [p.detach().clone() for p in f],
-                "fg": [p.grad.clone() for p in f],
-            }
-        )
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        q, f = self._params(pl_module)
-        self.final = {"w": [p.detach().clone() for p in q], "fw": [p.detach().clone() for p in f]}
 
 
 @pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.95, 0.01)], ids=["sgd", "momentum_wd"])
@@ -318,7 +123,7 @@ def test_forward_weight_is_hard_quantization_without_relaxation() -> None:
     """Without BinaryRelax the blend target G is exactly Q(w) (mix = 1)."""
     task = make_task()
     for _, layer in quant_layers(task):
-        assert torch.equal(training_weight(layer), layer.quantized_weight())
+        assert torch.equal(layer.training_weight(), layer.quantized_weight())
 
 
 def test_rho_zero_is_binaryconnect_exactly() -> None:
@@ -328,14 +133,14 @@ def test_rho_zero_is_binaryconnect_exactly() -> None:
         task = make_task(momentum=0.9, weight_decay=1e-4)
         trainer = make_trainer(callbacks, max_epochs=2)
         trainer.fit(task, loader(2))
-        states.append(full_state(task, trainer))
+        states.append(training_state(task, trainer))
     assert_same_state(*states)
     # and a positive rho does change the run
     task = make_task(momentum=0.9, weight_decay=1e-4)
     trainer = make_trainer([BCGD(rho=0.01)], max_epochs=2)
     trainer.fit(task, loader(2))
     key = "model.model.conv1.weight"
-    assert not torch.equal(full_state(task, trainer)[key], states[1][key])
+    assert not torch.equal(training_state(task, trainer)[key], states[1][key])
 
 
 class CountingBCGD(BCGD):
@@ -383,12 +188,10 @@ def _bcgd_callbacks() -> list[Callback]:
 def test_crash_then_resume_equals_uninterrupted_run(tmp_path: Path, crash_step: int) -> None:
     """3 epochs of 4 steps with growing rho, momentum, wd, an LR milestone and alpha staging; crash
     after step 4 (end of epoch 0) or step 6 (middle of epoch 1), resume from that step's checkpoint."""
-    straight, resumed, straight_cbs, resumed_cbs = crash_and_resume(
-        tmp_path, _bcgd_callbacks, crash_step, epochs=3, data=batches(4),
-        momentum=0.9, weight_decay=1e-3, milestones=[2], alpha_stage_epochs=1,
-    )
-    assert_same_state(straight, resumed)
-    assert resumed_cbs[0].value == straight_cbs[0].value == rho_at(2, 0.01, 2.0, 0.05)
+    fit = tiny_fit(batches(4), epochs=3, momentum=0.9, weight_decay=1e-3, milestones=[2], alpha_stage_epochs=1)
+    runs = crash_and_resume(fit, tmp_path, crash_step, _bcgd_callbacks)
+    assert_same_state(runs.straight, runs.resumed)
+    assert runs.resumed_callbacks[0].value == runs.straight_callbacks[0].value == rho_at(2, 0.01, 2.0, 0.05)
 
 
 def test_rho_is_in_the_checkpoint(tmp_path: Path) -> None:

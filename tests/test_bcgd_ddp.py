@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import loader, make_task, make_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
-from test_bcgd import loader, make_task, make_trainer
+from torch import Tensor, nn
 
 from qlight.callbacks import BCGD, BinaryRelax
 from qlight.quant import quant_acts, quant_layers
@@ -28,6 +29,15 @@ class RankAgreement(Callback):
     def __init__(self) -> None:
         self.checks = 0
         self.expected_acc1: list[float] = []
+        self._logits: Tensor | None = None
+        self._hits = self._seen = 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        def keep(module: nn.Module, args: Any, output: Tensor) -> None:
+            if module.training:
+                self._logits = output.detach()
+
+        pl_module.model.register_forward_hook(keep)  # the training step's own logits
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -47,12 +57,15 @@ class RankAgreement(Callback):
         inputs = trainer.strategy.all_gather(batch[0].sum())
         assert inputs[0] != inputs[1], "ranks must train on different data, or agreement is trivial"
         self.checks += 1
+        assert self._logits is not None
+        self._hits += int((self._logits.argmax(1) == batch[1]).sum())
+        self._seen += len(batch[1])
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # runs before the module's hook reduces its hit counters: the expected all-rank accuracy
-        hits = trainer.strategy.all_gather(pl_module._train_hits).sum(0)
-        seen = trainer.strategy.all_gather(torch.tensor(pl_module._train_seen)).sum()
-        self.expected_acc1.append(float(hits[0] / seen))
+        # this rank's top-1 hits counted here, from the step's logits; summed over the ranks
+        counts = trainer.strategy.all_gather(torch.tensor([self._hits, self._seen])).sum(0)
+        self.expected_acc1.append(float(counts[0] / counts[1]))
+        self._hits = self._seen = 0
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.expected_acc1:  # the previous epoch's logged value counts both ranks' samples
@@ -77,7 +90,8 @@ def _worker(rank: int, port: int) -> None:
     trainer.fit(task, loader(8))
     # 8 batches over 2 ranks = 4 steps per epoch, each checked on both ranks
     assert trainer.world_size == 2 and agreement.checks == 8
-    # the logged training accuracy counts both ranks' samples (epoch 0: 1/32 and 3/32 on the ranks)
+    # the logged training accuracy counts both ranks' own samples (each rank's hits are its own: they are no
+    # module buffer, which DDP would overwrite with rank 0's before every forward)
     assert float(trainer.callback_metrics["train/acc1"]) == pytest.approx(agreement.expected_acc1[-1])
     assert len(agreement.expected_acc1) == 2
 

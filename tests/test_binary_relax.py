@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from test_bcgd import (
+from helpers import (
     CONF,
     StepRecorder,
     assert_same_state,
@@ -20,7 +19,9 @@ from test_bcgd import (
     loader,
     make_task,
     make_trainer,
+    tiny_fit,
 )
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from qlight.callbacks import BCGD, BinaryRelax
 from qlight.callbacks.binary_relax import relaxation_at
@@ -154,13 +155,11 @@ def _br_callbacks() -> list[Callback]:
 def test_crash_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     """'br' over 3 epochs of 4 steps (eta grows every 2 steps, exact from epoch 2), momentum, wd,
     alpha staging; crash after step 5 (mid-epoch, mid eta period) and resume from its checkpoint."""
-    straight, resumed, straight_cbs, resumed_cbs = crash_and_resume(
-        tmp_path, _br_callbacks, 5, epochs=3, data=batches(4),
-        momentum=0.9, weight_decay=1e-3, alpha_stage_epochs=1,
-    )
-    assert_same_state(straight, resumed)
-    assert resumed_cbs[0].state_dict() == straight_cbs[0].state_dict()
-    assert resumed_cbs[0].resolved_every == 2
+    fit = tiny_fit(batches(4), epochs=3, momentum=0.9, weight_decay=1e-3, alpha_stage_epochs=1)
+    runs = crash_and_resume(fit, tmp_path, 5, _br_callbacks)
+    assert_same_state(runs.straight, runs.resumed)
+    assert runs.resumed_callbacks[0].state_dict() == runs.straight_callbacks[0].state_dict()
+    assert runs.resumed_callbacks[0].resolved_every == 2
 
 
 def test_eta_is_in_the_checkpoint(tmp_path: Path) -> None:

@@ -118,8 +118,8 @@ def test_nonfinite_advice_suggests_full_precision_only_when_not_already(precisio
 
     task = ImageClassifier(model="resnet20")
     task._trainer = SimpleNamespace(precision=precision, current_epoch=2, accumulate_grad_batches=1)  # type: ignore[assignment]
-    task._train_losses.reset(first_step=7)
-    task._train_losses.record(torch.tensor(float("nan")))
+    task.train_stats.losses.reset(first_step=7)
+    task.train_stats.losses.record(torch.tensor(float("nan")))
     with pytest.raises(NonFiniteLossError, match="global step 7 \\(epoch 2\\)") as info:
         task._log_train_loss()
     assert ("32-true" in str(info.value)) is advice

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CONF, crash_and_resume, loader, make_task, make_trainer, tiny_fit
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
-from test_bcgd import CONF, crash_and_resume, loader, make_task, make_trainer
 from torch import Tensor, nn
 
 from qlight.callbacks import BCGD, QuantDiagnostics
@@ -315,14 +315,16 @@ def test_resume_continues_the_flip_ratio_reference(tmp_path: Path) -> None:
     def callbacks(kind: type[Recorder] = Recorder) -> Callable[[], list[Callback]]:
         return lambda: [BCGD(rho=0.01), kind(every_n_steps=2)]
 
-    _, _, straight, resumed = crash_and_resume(tmp_path / "a", callbacks(), 3, 2, data, momentum=0.9)
-    after = {step: logged for step, logged in straight[1].history if step > 3}
-    assert [s for s, _ in resumed[1].history] == sorted(after) == [4, 6, 8, 10, 12]
-    for step, logged in resumed[1].history:
+    fit = tiny_fit(data, epochs=2, momentum=0.9)
+    runs = crash_and_resume(fit, tmp_path / "a", 3, callbacks())
+    straight, resumed = runs.straight_callbacks[1], runs.resumed_callbacks[1]
+    after = {step: logged for step, logged in straight.history if step > 3}
+    assert [s for s, _ in resumed.history] == sorted(after) == [4, 6, 8, 10, 12]
+    for step, logged in resumed.history:
         assert logged == after[step], step
     # without the checkpointed reference the first log after the resume counts changes since step 3 only
-    _, _, _, forgetful = crash_and_resume(tmp_path / "b", callbacks(ForgetfulRecorder), 3, 2, data, momentum=0.9)
-    assert forgetful[1].history[0][1]["diag/flip_ratio"] != after[4]["diag/flip_ratio"]
+    forgetful = crash_and_resume(fit, tmp_path / "b", 3, callbacks(ForgetfulRecorder)).resumed_callbacks[1]
+    assert forgetful.history[0][1]["diag/flip_ratio"] != after[4]["diag/flip_ratio"]
 
 
 # ----------------------------------------------------------------------------------------------------

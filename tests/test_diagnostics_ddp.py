@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import loader, make_task, make_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
-from test_bcgd import loader, make_task, make_trainer
 
 from qlight.callbacks import BCGD, QuantDiagnostics
 

@@ -19,7 +19,7 @@ from qlight.export import FORMAT, InputContract, export_task, load_exported
 from qlight.models import build_model
 from qlight.models.convnet import minw_quant
 from qlight.quant import QuantAct, QuantConv2d, QuantSpec, quant_layers, quantize_model
-from qlight.quant.export import freeze_weights, pack_weight, packed_nbytes, unpack_weight
+from qlight.quant.packing import freeze_weights, pack_weight, packed_nbytes, unpack_weight
 from qlight.tasks import ImageClassifier
 
 CONF = Path(__file__).parent / "conf"

@@ -22,8 +22,8 @@ from qlight.callbacks import Throughput
 from qlight.cli import main
 from qlight.quant import QuantSpec
 from qlight.tasks import ImageClassifier
-from qlight.tasks.loss_window import LossWindow
 from qlight.tasks.optim import fast_kernels, merge_groups, relayout_checkpoint
+from qlight.tasks.train_stats import LossWindow
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = Path(__file__).parent / "conf"

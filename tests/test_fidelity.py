@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import StepRecorder, loader, make_task, make_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
-from test_bcgd import StepRecorder, loader, make_task, make_trainer
 
 from qlight.callbacks import BCGD, BinaryRelax
 from qlight.callbacks.binary_relax import relaxation_at_authors

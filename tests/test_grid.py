@@ -165,7 +165,8 @@ def test_a_bad_override_fails_before_any_run_starts(workdir: Path, capsys: pytes
     config = str(ROOT / "tests" / "conf" / "cifar10_float_tiny.yaml")
     assert run_subcommand("grid", [config, "--set", "data.subsett=5"]) == 2
     err = capsys.readouterr().err
-    assert "qlight: error: run grid-cifar10_float_tiny-s0-" in err and "no option 'subsett'" in err and "did you mean 'subset'" in err
+    assert "qlight: error: run grid-cifar10_float_tiny-s0-" in err
+    assert "data.subsett: CIFAR10DataModule has no option 'subsett'" in err and "did you mean 'subset'?" in err
     assert not (workdir / "logs").exists()
 
 

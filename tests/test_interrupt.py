@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_state, checkpoint_state
 
 from qlight.cli import main
 
@@ -51,14 +52,6 @@ def _interrupted_fit(root: Path, workdir: Path, signals: list[signal.Signals]) -
     return process.returncode, out
 
 
-def _weights_and_optimizer(ckpt: Path) -> dict[str, torch.Tensor]:
-    data = torch.load(ckpt, map_location="cpu", weights_only=False)
-    state = {f"model.{k}": v for k, v in data["state_dict"].items()}
-    for i, s in data["optimizer_states"][0]["state"].items():
-        state.update({f"optim.{i}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
-    return state
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_sigterm_stops_between_steps_with_a_checkpoint_that_resumes_exactly(
     cifar10_pickle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -87,9 +80,7 @@ def test_sigterm_stops_between_steps_with_a_checkpoint_that_resumes_exactly(
           "--trainer.default_root_dir", str(tmp_path / "straight"),
           "--trainer.logger.init_args.save_dir", str(tmp_path / "straight")])
     (straight,) = (tmp_path / "straight").glob("*/*/*/checkpoints/last.ckpt")
-    a, b = _weights_and_optimizer(straight), _weights_and_optimizer(ckpt)
-    assert a.keys() == b.keys()
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert_same_state(checkpoint_state(straight), checkpoint_state(ckpt))
 
 
 def test_sigint_exits_130_with_a_checkpoint(cifar10_pickle: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from torch import nn
 
 from qlight.quant import (
     BIT_ALPHA,
+    Estimator,
     QuantAct,
     QuantConv2d,
     QuantHardtanh,
@@ -14,11 +15,13 @@ from qlight.quant import (
     QuantSpec,
     TensorQuantizer,
     binary_weight,
+    list_estimators,
     quantize_model,
     sign_quant,
     ternary_weight,
     uniform_weight,
 )
+from qlight.quant.functional import ACT_BITS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
@@ -118,6 +121,38 @@ def test_quant_conv_from_float_shares_parameters():
     assert nb.bias is None and nb.weight_quantizer.quantizer == "binary"
 
 
+class _HalfwayEstimator(Estimator):
+    """An estimator with its own forward: the training value is halfway between x and its relaxation."""
+
+    def forward(self, x: torch.Tensor, x_q: torch.Tensor, mix: torch.Tensor | float) -> torch.Tensor:
+        value = 0.5 * (x.detach() + torch.lerp(x.detach(), x_q, torch.as_tensor(mix, dtype=x.dtype)))
+        return value + (x - x.detach())
+
+
+@pytest.mark.parametrize("estimator", [*list_estimators(), "own_forward"])
+@pytest.mark.parametrize("mix", [1.0, 0.3])
+@pytest.mark.parametrize("layer_type", ["conv", "linear"])
+def test_training_weight_is_the_training_forward_kernel(estimator: str, mix: float, layer_type: str) -> None:
+    """For every registered estimator (and one with its own forward), ``training_weight()`` is the kernel the
+    training forward used: the kept tensor after a forward, the same bits recomputed once it is not kept."""
+    torch.manual_seed(0)
+    q = TensorQuantizer("binary", estimator="ste" if estimator == "own_forward" else estimator)
+    if estimator == "own_forward":
+        q.estimator = _HalfwayEstimator()
+    layer = QuantConv2d(3, 4, 3, weight_quantizer=q) if layer_type == "conv" else QuantLinear(6, 4, weight_quantizer=q)
+    q.set_mix(mix)
+    layer.train()
+    used = q(layer.weight).detach()  # what the forward's conv/linear receives
+    assert torch.equal(layer.training_weight(), used)  # recomputed (nothing kept)
+    q.keep_training_value = True
+    x = torch.randn(2, 3, 8, 8) if layer_type == "conv" else torch.randn(2, 6)
+    layer(x).sum().backward()
+    kept = layer.training_weight()
+    assert kept is q.training_value(layer.weight) and torch.equal(kept, used)
+    q.forget_training_value()
+    assert torch.equal(layer.training_weight(), used)
+
+
 def test_quant_linear():
     lin = nn.Linear(5, 3)
     q = QuantLinear.from_float(lin, TensorQuantizer("uniform", 4, per_channel=True))
@@ -134,6 +169,7 @@ def test_quant_act_init_table_and_float():
     for b, a in BIT_ALPHA.items():
         assert QuantAct(b).alpha.item() == pytest.approx(a)
     assert BIT_ALPHA[1] == 1.2221 and BIT_ALPHA[2] == 0.6511 and BIT_ALPHA[4] == 0.1946  # the authors' constants
+    assert tuple(BIT_ALPHA) == ACT_BITS  # a table value for every bit-width QuantAct accepts
     assert QuantAct(4, alpha_init=0.3).alpha.item() == pytest.approx(0.3)
     qa = QuantAct(4)
     assert set(qa.state_dict()) == {"alpha", "rate_factor"} and qa.alpha.dim() == 0

@@ -11,10 +11,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import Fit, assert_same_state, checkpointing, crash_and_resume
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
-from test_bcgd import CrashAt
-from torch import Tensor
 
 from qlight.callbacks import BCGD
 from qlight.data import CIFAR10DataModule, ImageNetDataModule, ResumableSampler
@@ -50,39 +48,34 @@ def _datamodule(root: Path) -> LightningDataModule:
     return CIFAR10DataModule(str(root), batch_size=8, pin_memory=False)
 
 
-def _run(
-    root: Path, tmp_path: Path, callbacks: list[Callback], ckpt_path: str | None = None
-) -> tuple[ImageClassifier, Trainer]:
-    seed_everything(7)
-    task = ImageClassifier(
-        model="resnet20",
-        quant=QuantSpec(weight="binary", act="relu_quant", a_bits=4),
-        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4),
-        alpha_calibration_steps=3,
-        num_classes=data_classes(root),
-    )
-    data = _datamodule(root)
-    trainer = Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        callbacks=[BCGD(rho=1e-3, rho_growth=2.0), *callbacks],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        deterministic=True,
-        limit_val_batches=1,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
-    return task, trainer
+def _fit(root: Path) -> Fit:
+    """The quantized ResNet-20 with BCGD on the fake data at ``root``, 2 epochs."""
 
+    def fit(callbacks: list[Callback], run_dir: Path, ckpt_path: str | None) -> tuple[LightningModule, Trainer]:
+        seed_everything(7)
+        task = ImageClassifier(
+            model="resnet20",
+            quant=QuantSpec(weight="binary", act="relu_quant", a_bits=4),
+            optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4),
+            alpha_calibration_steps=3,
+            num_classes=data_classes(root),
+        )
+        trainer = Trainer(
+            accelerator="cpu",
+            max_epochs=2,
+            callbacks=[BCGD(rho=1e-3, rho_growth=2.0), *callbacks],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=checkpointing(callbacks),
+            deterministic=True,
+            limit_val_batches=1,
+            default_root_dir=run_dir,
+        )
+        trainer.fit(task, datamodule=_datamodule(root), ckpt_path=ckpt_path)
+        return task, trainer
 
-def _state(task: ImageClassifier, trainer: Trainer) -> dict[str, Tensor]:
-    state = {f"model.{k}": v.clone() for k, v in task.state_dict().items()}
-    for i, s in trainer.optimizers[0].state_dict()["state"].items():
-        state.update({f"optim.{i}.{k}": v.clone() for k, v in s.items() if isinstance(v, Tensor)})
-    return state
+    return fit
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -95,32 +88,17 @@ def test_crash_then_resume_reads_the_same_batches_and_ends_identical(
     data: str, crash_step: int, steps_per_epoch: int, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     root = request.getfixturevalue(data)
-    straight = BatchRecorder()
-    task, trainer = _run(root, tmp_path / "straight", [straight])
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        runs = crash_and_resume(_fit(root), tmp_path, crash_step, lambda: [BatchRecorder()])
+    assert not [w for w in warned if "not resumable" in str(w.message)]
+    straight, resumed = runs.straight_callbacks[0], runs.resumed_callbacks[0]
+    assert isinstance(straight, BatchRecorder) and isinstance(resumed, BatchRecorder)
     assert len(straight.batches) == 2 * steps_per_epoch
     # epochs are reshuffled and re-augmented
     assert straight.batches[0][2:] != straight.batches[steps_per_epoch][2:]
-
-    at_crash = ModelCheckpoint(
-        tmp_path / "ckpt", filename="{step}", every_n_train_steps=crash_step, save_top_k=-1
-    )
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        _run(root, tmp_path / "crashed", [CrashAt(crash_step), at_crash])
-    resumed = BatchRecorder()
-    with warnings.catch_warnings(record=True) as warned:
-        warnings.simplefilter("always")
-        resumed_task, resumed_trainer = _run(
-            root,
-            tmp_path / "resumed",
-            [resumed],
-            ckpt_path=str(tmp_path / "ckpt" / f"step={crash_step}.ckpt"),
-        )
-    assert not [w for w in warned if "not resumable" in str(w.message)]
-
     assert resumed.batches == straight.batches[crash_step:]
-    a, b = _state(task, trainer), _state(resumed_task, resumed_trainer)
-    assert a.keys() == b.keys()
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert_same_state(runs.straight, runs.resumed)
 
 
 def test_sampler_resumes_after_the_samples_already_read() -> None:

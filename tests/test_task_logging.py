@@ -13,7 +13,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from qlight.tasks import ImageClassifier, step_logging_due
+from qlight._lightning_compat import step_logging_due
+from qlight.tasks import ImageClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,13 +4,14 @@ Training forward ``x̂ = α·h(x) + (1 − α)·x``, backward ``2α·g·1{|x| �
 :mod:`qlight.quant`), evaluation with ``h``; α follows the R1 ramp ``min(1, 0.5 + 0.5·e/100)`` by default;
 after every optimizer step the latent weights are clipped to [−1, 1] (Algorithm 1). The callback is both a
 :class:`~qlight.callbacks.knobs.ScheduledKnobs` (α) and a :class:`~qlight.callbacks.clip.LatentWeightClip`
-(the clip): their hooks cooperate through ``super()``.
+(the clip): their ``__init__`` and hooks cooperate through ``super()``, so neither forwards the other's.
 """
 
 from __future__ import annotations
 
 from lightning.pytorch import LightningModule
 from torch import Tensor
+from typing_extensions import override
 
 from qlight.callbacks.clip import LatentWeightClip
 from qlight.callbacks.knobs import Knob, ScheduledKnobs
@@ -45,8 +46,7 @@ class AQE(ScheduledKnobs, LatentWeightClip):
     def __init__(
         self, alpha: Schedule = AQE_R1, input_alpha: Schedule | None = None, clip_weights: bool = True
     ) -> None:
-        ScheduledKnobs.__init__(self)
-        LatentWeightClip.__init__(self, 1.0)
+        super().__init__(bound=1.0)  # ScheduledKnobs, then LatentWeightClip (the MRO), each once
         for name, s in (("alpha", alpha), ("input_alpha", input_alpha)):
             if s is not None and not 0.0 <= min(s.start, s.end) <= max(s.start, s.end) <= 1.0:
                 raise ValueError(f"AQE {name} must stay in [0, 1]; got start={s.start}, end={s.end}")
@@ -54,12 +54,14 @@ class AQE(ScheduledKnobs, LatentWeightClip):
         self.input_alpha = input_alpha
         self.clip_weights = clip_weights
 
+    @override
     def schedules(self) -> dict[str, Schedule]:
         out = {"alpha": self.alpha}
         if self.input_alpha is not None:
             out["alpha_input"] = self.input_alpha
         return out
 
+    @override
     def build_knobs(self, pl_module: LightningModule) -> list[Knob]:
         def knob(name: str, schedule: Schedule, role: str) -> Knob:
             quantizers = [
@@ -72,6 +74,7 @@ class AQE(ScheduledKnobs, LatentWeightClip):
             return [knob("alpha", self.alpha, "all")]
         return [knob("alpha", self.alpha, "weight"), knob("alpha_input", self.input_alpha, "act")]
 
+    @override
     def select(self, pl_module: LightningModule) -> list[Tensor]:
         """Clip only the layers whose weight quantizer uses the ``aqe`` estimator (none without ``clip_weights``)."""
         if not self.clip_weights:
@@ -82,6 +85,7 @@ class AQE(ScheduledKnobs, LatentWeightClip):
             if isinstance(layer.weight_quantizer.estimator, AQEEstimator)
         ]
 
+    @override
     def _nothing_to_control(self, pl_module: LightningModule) -> str:
         return (
             f"AQE found no quantizer with the 'aqe' estimator in {type(pl_module).__name__}; set "

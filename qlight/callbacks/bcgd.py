@@ -23,10 +23,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from qlight.quant import QuantConv2d, QuantLinear, quant_layers
 
-__all__ = ["BCGD", "blend_", "blend_all_", "rho_at", "training_weight", "weight_quantized_layers"]
+__all__ = ["BCGD", "blend_", "blend_all_", "rho_at", "weight_quantized_layers"]
 
 
 def rho_at(epoch: int, rho: float, rho_growth: float = 1.0, rho_max: float = 0.01) -> float:
@@ -41,15 +42,6 @@ def rho_at(epoch: int, rho: float, rho_growth: float = 1.0, rho_max: float = 0.0
     except OverflowError:
         value = math.inf
     return min(value, rho_max)
-
-
-def training_weight(layer: QuantConv2d | QuantLinear) -> Tensor:
-    """The kernel the layer's training forward used: ``lerp(w, Q(w), mix)`` (= Q(w) at mix = 1).
-
-    See :meth:`qlight.quant.QuantConv2d.training_weight`: the tensor kept from the forward when the weight is
-    unchanged since, else the same expression recomputed (BinaryRelax sets ``mix = eta / (1 + eta)``).
-    """
-    return layer.training_weight()
 
 
 def blend_(weight: Tensor, target: Tensor, rho: Tensor | float) -> None:
@@ -118,6 +110,7 @@ class BCGD(Callback):
         self._weights: list[Tensor] = []
         self._weight_keys: list[tuple[int, int]] | None = None
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":  # only training blends or relaxes
             return
@@ -126,6 +119,7 @@ class BCGD(Callback):
         for layer in self._layers:  # the blend targets the exact tensor each training forward used
             layer.weight_quantizer.keep_training_value = True
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for layer in self._layers:
             layer.weight_quantizer.keep_training_value = False
@@ -139,14 +133,17 @@ class BCGD(Callback):
             self._rho = torch.zeros((), device=device, dtype=dtype)
         self._rho.fill_(self.value)
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # also covers a mid-epoch resume, where on_train_epoch_start does not run
         self._update(trainer, pl_module)
         self._logged_epoch = None
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._update(trainer, pl_module)
 
+    @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -155,10 +152,11 @@ class BCGD(Callback):
             for layer in self._layers:
                 layer.weight_quantizer.forget_training_value()
             self._weight_keys = [(w._version, w.data_ptr()) for w in self._weights]
-        if self._logged_epoch != trainer.current_epoch:  # rho is constant within an epoch: log it once
+        if self._logged_epoch != trainer.current_epoch and self._rho is not None:  # constant in an epoch: log once
             pl_module.log("bcgd/rho", self._rho, on_step=False, on_epoch=True, batch_size=1)
             self._logged_epoch = trainer.current_epoch
 
+    @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -182,9 +180,11 @@ class BCGD(Callback):
             targets = [layer.training_weight(fresh=unchanged) for layer in self._layers]
             blend_all_(self._weights, targets, self.value)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"rho": self.rho, "rho_growth": self.rho_growth, "rho_max": self.rho_max, "value": self.value}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = (state_dict["rho"], state_dict["rho_growth"], state_dict["rho_max"])
         if saved != (self.rho, self.rho_growth, self.rho_max):

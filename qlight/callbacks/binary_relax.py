@@ -21,10 +21,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
+from qlight._lightning_compat import step_logging_due
 from qlight.callbacks.bcgd import weight_quantized_layers
 from qlight.quant import TensorQuantizer
-from qlight.tasks.logging import step_logging_due
 
 __all__ = ["BinaryRelax", "relaxation_at"]
 
@@ -32,8 +33,10 @@ __all__ = ["BinaryRelax", "relaxation_at"]
 def relaxation_at(
     step: int, epoch: int, eta0: float, eta_growth: float, eta_every: int, switch_epoch: int
 ) -> tuple[float, float]:
-    """``(eta, mix)`` at an optimizer step: ``eta = eta0 * eta_growth ** (step // eta_every)`` and
-    ``mix = eta / (1 + eta)`` while ``epoch < switch_epoch``; ``(inf, 1)`` afterwards (exact Q(w)).
+    """``(eta, mix)`` at an optimizer step.
+
+    ``eta = eta0 * eta_growth ** (step // eta_every)`` and ``mix = eta / (1 + eta)`` while
+    ``epoch < switch_epoch``; ``(inf, 1)`` afterwards (exact Q(w)).
 
     An eta beyond the float range is inf (mix 1) instead of an ``OverflowError``.
     """
@@ -129,6 +132,7 @@ class BinaryRelax(Callback):
         self._mix: Tensor | None = None
         self._quantizers: list[TensorQuantizer] = []
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":  # only training blends or relaxes
             return
@@ -140,6 +144,7 @@ class BinaryRelax(Callback):
             raise ValueError(f"BinaryRelax {need} needs a training dataloader with a length; set eta_every")
         return math.ceil(batches / trainer.accumulate_grad_batches)
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.eta_every is not None:
             self.resolved_every = self.eta_every
@@ -151,6 +156,7 @@ class BinaryRelax(Callback):
         self._mix = torch.zeros((), device=pl_module.device)
         self._applied = None
 
+    @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -177,6 +183,7 @@ class BinaryRelax(Callback):
             pl_module.log("binaryrelax/eta", self._eta, on_step=True, on_epoch=False)
             pl_module.log("binaryrelax/mix", self._mix, on_step=True, on_epoch=False)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         counter = {"eta_counter": self.eta_counter, "steps_per_epoch": self.steps_per_epoch}
         return {
@@ -188,6 +195,7 @@ class BinaryRelax(Callback):
             "mix": self.mix,
         } | (counter if self.eta_counter != "steps" else {})
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = (state_dict["eta0"], state_dict["eta_growth"], state_dict["switch_epoch"])
         if saved != (self.eta0, self.eta_growth, self.switch_epoch):

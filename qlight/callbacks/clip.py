@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
+from typing_extensions import override
 
 from qlight.quant import quant_layers
 
@@ -47,7 +48,8 @@ class LatentWeightClip(Callback):
     #: whether finding no weight to clip is an error (a standalone clip is useless without them)
     requires_weights = True
 
-    def __init__(self, bound: float = 1.0) -> None:
+    def __init__(self, bound: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if not bound > 0:
             raise ValueError(f"LatentWeightClip bound={bound!r} must be > 0")
         self.bound = float(bound)
@@ -58,6 +60,7 @@ class LatentWeightClip(Callback):
         """The latent weights to clip: those of every weight-quantized layer (subclasses narrow it)."""
         return [layer.weight for _, layer in quant_layers(pl_module)]
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
@@ -70,11 +73,13 @@ class LatentWeightClip(Callback):
                 "(model.init_args.quant.weight) or drop the callback"
             )
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._clipped_step = trainer.global_step
         clip_weights_(self.weights, self.bound)
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

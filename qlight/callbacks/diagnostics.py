@@ -25,7 +25,9 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
+from qlight._lightning_compat import logged_step, step_logging_due
 from qlight.quant import (
     QuantAct,
     QuantConv2d,
@@ -35,7 +37,6 @@ from qlight.quant import (
     quant_acts,
     quant_layers,
 )
-from qlight.tasks.logging import step_logging_due
 
 __all__ = [
     "FIXED_TOP_LEVEL",
@@ -161,6 +162,7 @@ class QuantDiagnostics(Callback):
         self._warned_unmeasured = False
 
     # ------------------------------------------------------------------ set-up and state
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":  # diagnostics describe training
             return
@@ -178,13 +180,16 @@ class QuantDiagnostics(Callback):
         if self.histograms and not any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
             rank_zero_info("QuantDiagnostics: histograms=True has no effect without a W&B logger")
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The flip-ratio reference (level pattern at the last log) of every layer, on the CPU."""
         return {"reference": {name: ref.detach().cpu() for name, ref in self._reference.items()}}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._reference = dict(state_dict.get("reference", {}))
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Move a restored reference to the weights' device; start it afresh where there is none."""
         restored, fresh = dict(self._reference), []
@@ -218,8 +223,9 @@ class QuantDiagnostics(Callback):
         last = batch_idx + 1 >= trainer.num_training_batches
         if not (last or (batch_idx + 1) % trainer.accumulate_grad_batches == 0):
             return False
-        return last or (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % self.every_n_steps == 0
+        return last or (logged_step(trainer) + 1) % self.every_n_steps == 0
 
+    @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -227,6 +233,7 @@ class QuantDiagnostics(Callback):
         if self._due and self._acts:
             self._attach_counters(pl_module.device)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -241,6 +248,7 @@ class QuantDiagnostics(Callback):
                 [next(norms).double() if g is not None else zero.double() for g in grads]
             ).square()
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -250,13 +258,16 @@ class QuantDiagnostics(Callback):
         self._detach_counters()
         self._write(trainer, self.measure(trainer))
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.histograms:
             self._log_histograms(trainer)
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._detach_counters()
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._detach_counters()
 
@@ -378,7 +389,7 @@ class QuantDiagnostics(Callback):
     def _write(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """Hand the values to every logger at the step Lightning writes ``train/loss`` at."""
         self.latest = metrics
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = logged_step(trainer)
         row: dict[str, float] = {**metrics, "epoch": trainer.current_epoch}  # an int, as Lightning writes it
         for logger in trainer.loggers:
             logger.log_metrics(row, step=step)
@@ -396,6 +407,6 @@ class QuantDiagnostics(Callback):
         if self._acts:
             alphas = torch.stack([a.alpha.detach().float().clamp(a.alpha_min, a.alpha_max) for a in self._acts])
             data["diag/alpha_hist"] = wandb.Histogram(alphas.cpu().numpy())
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = logged_step(trainer)
         for logger in loggers:
             logger.experiment.log({**data, "trainer/global_step": step})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lightning.pytorch import LightningModule
+from typing_extensions import override
 
 from qlight.callbacks.knobs import Knob, ScheduledKnobs
 from qlight.callbacks.schedules import EDE_T, Schedule
@@ -33,9 +34,11 @@ class EDE(ScheduledKnobs):
             raise ValueError(f"EDE t must stay > 0; got start={t.start}, end={t.end}")
         self.t = t
 
+    @override
     def schedules(self) -> dict[str, Schedule]:
         return {"t": self.t}
 
+    @override
     def build_knobs(self, pl_module: LightningModule) -> list[Knob]:
         quantizers = tensor_quantizers(pl_module)
         estimators = [q.estimator for _, q in quantizers if isinstance(q.estimator, EDEEstimator)]
@@ -44,6 +47,7 @@ class EDE(ScheduledKnobs):
             Knob("k", self.t, tuple(e.k for e in estimators), _irnet_k),
         ]
 
+    @override
     def _nothing_to_control(self, pl_module: LightningModule) -> str:
         return (
             f"EDE found no quantizer with the 'ede' estimator in {type(pl_module).__name__}; set "

@@ -20,9 +20,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
+from qlight._lightning_compat import step_logging_due
 from qlight.callbacks.schedules import Schedule
-from qlight.tasks.logging import step_logging_due
 
 __all__ = ["Knob", "ScheduledKnobs"]
 
@@ -43,6 +44,7 @@ class Knob:
     setters: tuple[Callable[[float], None], ...] | None = None
 
     def value(self, epoch: int, step: int, total: int | None) -> float:
+        """The knob's value at ``(epoch, step)`` of a run ``total`` epochs or steps long."""
         v = self.schedule.value(epoch, step, total)
         return self.transform(v) if self.transform is not None else v
 
@@ -75,7 +77,8 @@ class ScheduledKnobs(Callback):
 
     method_name = ""
 
-    def __init__(self) -> None:
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # cooperative: a subclass may combine this with another base (AQE: the clip)
         self.knobs: list[Knob] = []
         self.current: dict[str, float] = {}
         self._per_step = False
@@ -83,12 +86,14 @@ class ScheduledKnobs(Callback):
         self._logged_epoch: int | None = None
 
     def build_knobs(self, pl_module: LightningModule) -> list[Knob]:
+        """The knobs this callback schedules in ``pl_module`` (called in ``setup`` for fit)."""
         raise NotImplementedError
 
     def schedules(self) -> dict[str, Schedule]:
         """The configured schedules by name (echoed into checkpoints)."""
         raise NotImplementedError
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
@@ -110,6 +115,7 @@ class ScheduledKnobs(Callback):
                 knob.write(value)
                 self.current[knob.name] = value
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self.current = {}  # the checkpoint may have replaced the buffers' values: write them all
@@ -118,10 +124,12 @@ class ScheduledKnobs(Callback):
         self._totals = {unit: _run_length(trainer, unit) for unit in units}
         self._apply(trainer)
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         self._apply(trainer)
 
+    @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -140,9 +148,11 @@ class ScheduledKnobs(Callback):
                 )
         self._logged_epoch = trainer.current_epoch
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"schedules": {k: dataclasses.asdict(s) for k, s in self.schedules().items()}}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("schedules", {})
         now = {k: dataclasses.asdict(s) for k, s in self.schedules().items()}

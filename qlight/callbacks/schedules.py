@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Law = Literal["constant", "linear", "geometric", "exponential", "step"]
 Unit = Literal["epoch", "step"]
 
-LAWS: tuple[str, ...] = ("constant", "linear", "geometric", "exponential", "step")
-UNITS: tuple[str, ...] = ("epoch", "step")
+LAWS: tuple[Law, ...] = get_args(Law)
+UNITS: tuple[Unit, ...] = get_args(Unit)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
 
 __all__ = ["Throughput"]
 
@@ -48,12 +49,14 @@ class Throughput(Callback):
         self._steady_batches = 0
         self._paused: float | None = None
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._steps_seen = 0
         self.warmup_s = None
         _sync(pl_module.device)
         self._run_start = time.perf_counter()
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._images = 0
         self._steady_batches = 0
@@ -61,6 +64,7 @@ class Throughput(Callback):
         if self.warmup_steps == 0 and self.warmup_s is None:
             self.warmup_s = 0.0
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -76,6 +80,7 @@ class Throughput(Callback):
         self._steady_batches += 1
         self._images += _batch_size(batch)
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._epoch_start is None or self._steady_batches == 0:
             return
@@ -93,18 +98,21 @@ class Throughput(Callback):
             on_step=False, on_epoch=True, batch_size=1,
         )
 
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # validation during fit (at the epoch's end or every val_check_interval) is not training time
         if self._epoch_start is not None:
             _sync(pl_module.device)
             self._paused = time.perf_counter()
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._paused is not None and self._epoch_start is not None:
             _sync(pl_module.device)
             self._epoch_start += time.perf_counter() - self._paused
         self._paused = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"warmup_steps": self.warmup_steps}
 

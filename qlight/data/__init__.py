@@ -1,13 +1,8 @@
 """LightningDataModules: CIFAR-10/100 (in-memory uint8) and ImageNet / ImageFolder data, augmented on the device."""
 
 from qlight.data.augment import Normalizer, normalize, normalize_affine, random_crop_flip, window_indices
-from qlight.data.cifar import (
-    CIFAR10DataModule,
-    CIFAR100DataModule,
-    CIFARDataModule,
-    TensorBatchDataset,
-    default_cache_dir,
-)
+from qlight.data.base import DatasetError, ImageDataModule, default_cache_dir
+from qlight.data.cifar import CIFAR10DataModule, CIFAR100DataModule, CIFARDataModule, TensorBatchDataset
 from qlight.data.imagenet import (
     ImageFolderDataModule,
     ImageFolderDataset,
@@ -20,9 +15,7 @@ from qlight.data.sampling import (
     ResumableSampler,
     batch_seed,
     resumable_train_loader,
-    run_seed,
 )
-from qlight.data.sources import DatasetError
 
 __all__ = [
     "BatchGenerators",
@@ -30,6 +23,7 @@ __all__ = [
     "CIFAR100DataModule",
     "CIFARDataModule",
     "DatasetError",
+    "ImageDataModule",
     "ImageFolderDataModule",
     "ImageFolderDataset",
     "ImageNetDataModule",
@@ -44,6 +38,5 @@ __all__ = [
     "random_crop_flip",
     "random_resized_crop_box",
     "resumable_train_loader",
-    "run_seed",
     "window_indices",
 ]

@@ -28,6 +28,7 @@ def window_indices(height: int, width: int, padding: int, flip: bool, device: to
         width: image width.
         padding: zero pixels added on every side.
         flip: also list the horizontally mirrored windows.
+        device: where the indices live.
 
     Returns:
         ``(2 * padding + 1) ** 2 * (2 if flip else 1)`` rows of ``height * width`` int64 indices into
@@ -90,8 +91,10 @@ def normalize_affine(images: Tensor, scale: Tensor, shift: Tensor, channels_last
 
 
 class Normalizer:
-    """``(x / 255 - mean) / std`` per channel, with the constants made once per device (no per-batch
-    host-to-device copy)."""
+    """``(x / 255 - mean) / std`` per channel.
+
+    The constants are made once per device (no per-batch host-to-device copy).
+    """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.mean = mean
@@ -99,6 +102,7 @@ class Normalizer:
         self._constants: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def __call__(self, images: Tensor, channels_last: bool = False) -> Tensor:
+        """Normalized float32 ``images`` (uint8 ``N x C x H x W``) on their device."""
         if images.device not in self._constants:
             mean = torch.tensor(self.mean).view(1, -1, 1, 1)
             std = torch.tensor(self.std).view(1, -1, 1, 1)

@@ -8,32 +8,19 @@ source and machine; see :mod:`qlight.data.sources`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
-from qlight.data.augment import Normalizer, random_crop_flip
-from qlight.data.sampling import BatchGenerators, resumable_train_loader
-from qlight.data.sources import (
-    CIFAR10,
-    CIFAR100,
-    CifarSpec,
-    DatasetError,
-    ensure_cached,
-    load_cache,
-    resolve_source,
-    stratified_split,
-)
+from qlight.data.augment import random_crop_flip
+from qlight.data.base import DatasetError, ImageDataModule, load_cached
+from qlight.data.sources import CIFAR10, CIFAR100, CifarSpec, ensure_cached, resolve_source, stratified_split
 
-
-def default_cache_dir() -> Path:
-    """``$QLIGHT_CACHE`` if set, else ``~/.cache/qlight``: decoded datasets live outside the repo."""
-    return Path(os.environ.get("QLIGHT_CACHE") or Path.home() / ".cache" / "qlight").expanduser()
+__all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "CIFARDataModule", "TensorBatchDataset"]
 
 
 class TensorBatchDataset(Dataset[tuple[Tensor, Tensor]]):
@@ -69,7 +56,7 @@ def collate_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch
 
 
-class CIFARDataModule(LightningDataModule):
+class CIFARDataModule(ImageDataModule):
     """Common implementation of the CIFAR-10 and CIFAR-100 DataModules.
 
     Batches are ``(images, labels)``: uint8 ``N x 3 x 32 x 32`` out of the DataLoader, float32
@@ -117,10 +104,6 @@ class CIFARDataModule(LightningDataModule):
     """
 
     spec: ClassVar[CifarSpec]
-    dataset_name: ClassVar[str]
-    num_classes: ClassVar[int]
-    mean: ClassVar[tuple[float, float, float]]
-    std: ClassVar[tuple[float, float, float]]
 
     def __init__(
         self,
@@ -138,17 +121,8 @@ class CIFARDataModule(LightningDataModule):
         subset: int | None = None,
         test_subset: int | None = None,
     ) -> None:
-        super().__init__()
-        for field, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value is not None and value < 1:
-                raise ValueError(f"{field}={value} is invalid: it must be a positive integer")
-        for field, value in (("subset", subset), ("test_subset", test_subset)):
-            if value is not None and value < 1:
-                raise ValueError(
-                    f"{field}={value} is invalid: it must be a positive integer or null (all images)"
-                )
-        if num_workers < 0:
-            raise ValueError(f"num_workers={num_workers} is invalid: it must be >= 0")
+        super().__init__(batch_size, eval_batch_size, num_workers, augment, channels_last, pin_memory, cache_dir)
+        self.check_positive(" or null (all images)", subset=subset, test_subset=test_subset)
         if not 0.0 <= val_split < 1.0:
             raise ValueError(
                 f"val_split={val_split} is invalid: it must be in [0, 1) (0 validates on the test set)"
@@ -156,23 +130,13 @@ class CIFARDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.root = root
         self.download = download
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
         self.val_split = val_split
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self.augment = augment
-        self.channels_last = channels_last
-        self.pin_memory = pin_memory
         self.seed = seed
         self.subset = subset
         self.test_subset = test_subset
-        self.classes: list[str] = []
         self.train_dataset: TensorBatchDataset | None = None
         self.val_dataset: TensorBatchDataset | None = None
         self.test_dataset: TensorBatchDataset | None = None
-        self._normalize = Normalizer(self.mean, self.std)
-        self._generators = BatchGenerators()
         if not download:
             resolve_source(self.spec, root)  # fail at construction on a wrong root, on every rank
 
@@ -180,21 +144,23 @@ class CIFARDataModule(LightningDataModule):
         return ensure_cached(
             self.spec,
             self.root,
-            self.cache_dir or default_cache_dir(),
+            self.cache_root,
             download=self.download,
             subset=self.subset,
             test_subset=self.test_subset,
         )
 
+    @override
     def prepare_data(self) -> None:
         """Download (if asked) and decode into the cache; Lightning runs this on one process per node."""
         self._cache_file()
 
+    @override
     def setup(self, stage: str) -> None:
         """Load the cached tensors and build the train, validation and test sets."""
         if self.train_dataset is not None:
             return
-        data = load_cache(self._cache_file())
+        data = load_cached(self._cache_file())
         self.classes = list(data["classes"])
         train_images, train_labels = data["train_images"], data["train_labels"]
         self.test_dataset = TensorBatchDataset(data["test_images"], data["test_labels"])
@@ -211,45 +177,33 @@ class CIFARDataModule(LightningDataModule):
             self.val_dataset = self.test_dataset
             self.train_dataset = TensorBatchDataset(train_images, train_labels)
 
-    def _loader(self, dataset: TensorBatchDataset | None, train: bool) -> DataLoader[tuple[Tensor, Tensor]]:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
-        options: dict[str, Any] = {
-            "collate_fn": collate_batch,
-            "num_workers": self.num_workers,
-            "persistent_workers": self.num_workers > 0,
-            "pin_memory": self.pin_memory and torch.cuda.is_available(),
-        }
-        if not train:
-            return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **options)
-        return resumable_train_loader(dataset, self.batch_size, self.trainer, str(self.root), **options)
-
+    @override
     def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        """Shuffled uint8 batches of (this rank's shard of) the training set, dropping the last
-        incomplete batch; resumable mid-epoch."""
-        return self._loader(self.train_dataset, train=True)
+        """Shuffled uint8 batches of (this rank's shard of) the training set; resumable mid-epoch.
 
+        The last incomplete batch is dropped.
+        """
+        return self.train_loader(self.train_dataset, str(self.root), collate_fn=collate_batch)
+
+    @override
     def val_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """The held-out part of train, or the test set when ``val_split`` is 0."""
-        return self._loader(self.val_dataset, train=False)
+        return self.eval_loader(self.val_dataset, collate_fn=collate_batch)
 
+    @override
     def test_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """The test set, in order."""
-        return self._loader(self.test_dataset, train=False)
+        return self.eval_loader(self.test_dataset, collate_fn=collate_batch)
 
+    @override
     def predict_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """The test set, in order, so ``qlight predict`` has data without extra arguments."""
-        return self._loader(self.test_dataset, train=False)
+        return self.eval_loader(self.test_dataset, collate_fn=collate_batch)
 
-    def on_after_batch_transfer(
-        self, batch: tuple[Tensor, Tensor], dataloader_idx: int
-    ) -> tuple[Tensor, Tensor]:
-        """Augment (training only) and normalize the uint8 batch on its device."""
-        images, labels = batch
-        trainer = self.trainer
-        if self.augment and trainer is not None and trainer.training:
-            images = random_crop_flip(images, padding=4, generator=self._generators(trainer, images.device))
-        return self._normalize(images, self.channels_last), labels
+    @override
+    def augment_batch(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """Random 4-pixel-padded crop and horizontal flip."""
+        return random_crop_flip(images, padding=4, generator=generator)
 
 
 class CIFAR10DataModule(CIFARDataModule):

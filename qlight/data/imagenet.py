@@ -21,20 +21,20 @@ import hashlib
 import math
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as TF
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
+from typing_extensions import override
 
-from qlight.data.augment import Normalizer
-from qlight.data.cifar import default_cache_dir
-from qlight.data.sampling import BatchGenerators, batch_seed, resumable_train_loader, run_seed
-from qlight.data.sources import DatasetError, _save_atomic, stratified_subset
+from qlight._lightning_compat import run_seed
+from qlight.data.base import DatasetError, ImageDataModule, load_cached, save_atomic
+from qlight.data.sampling import batch_seed
+from qlight.data.sources import stratified_subset
 
 __all__ = ["ImageFolderDataModule", "ImageFolderDataset", "ImageNetDataModule", "random_resized_crop_box"]
 
@@ -182,7 +182,7 @@ def build_index(root: Path) -> dict[str, Any]:
     return index
 
 
-class ImageFolderDataModule(LightningDataModule):
+class ImageFolderDataModule(ImageDataModule):
     """Train on ``root/train``, validate and test on ``root/val`` (ImageFolder layout).
 
     Args:
@@ -202,9 +202,9 @@ class ImageFolderDataModule(LightningDataModule):
         val_subset: the same for the validation images.
     """
 
-    dataset_name: ClassVar[str] = "imagefolder"
-    mean: ClassVar[tuple[float, float, float]] = (0.485, 0.456, 0.406)
-    std: ClassVar[tuple[float, float, float]] = (0.229, 0.224, 0.225)
+    dataset_name = "imagefolder"
+    mean = (0.485, 0.456, 0.406)
+    std = (0.229, 0.224, 0.225)
 
     def __init__(
         self,
@@ -223,20 +223,9 @@ class ImageFolderDataModule(LightningDataModule):
         subset: int | None = None,
         val_subset: int | None = None,
     ) -> None:
-        super().__init__()
-        for field, value in (
-            ("num_classes", num_classes),
-            ("batch_size", batch_size),
-            ("eval_batch_size", eval_batch_size),
-            ("image_size", image_size),
-            ("resize_size", resize_size),
-            ("subset", subset),
-            ("val_subset", val_subset),
-        ):
-            if value is not None and value < 1:
-                raise ValueError(f"{field}={value} is invalid: it must be a positive integer")
-        if num_workers < 0:
-            raise ValueError(f"num_workers={num_workers} is invalid: it must be >= 0")
+        super().__init__(batch_size, eval_batch_size, num_workers, augment, channels_last, pin_memory, cache_dir)
+        self.check_positive(num_classes=num_classes, image_size=image_size, resize_size=resize_size)
+        self.check_positive(" or null (all images)", subset=subset, val_subset=val_subset)
         if resize_size < image_size:
             raise ValueError(f"resize_size={resize_size} is smaller than image_size={image_size}")
         if not 0 < scale[0] <= scale[1] <= 1:
@@ -249,23 +238,13 @@ class ImageFolderDataModule(LightningDataModule):
                 "val/<class>/*.JPEG (ImageNet cannot be downloaded automatically)"
             )
         self.num_classes = num_classes
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
         self.image_size = image_size
         self.resize_size = resize_size
         self.scale = (float(scale[0]), float(scale[1]))
-        self.augment = augment
-        self.channels_last = channels_last
-        self.pin_memory = pin_memory
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.subset = subset
         self.val_subset = val_subset
-        self.classes: list[str] = []
         self.train_dataset: ImageFolderDataset | None = None
         self.val_dataset: ImageFolderDataset | None = None
-        self._normalize = Normalizer(self.mean, self.std)
-        self._generators = BatchGenerators()
 
     # ------------------------------------------------------------------ index
     def _index_file(self) -> Path:
@@ -276,14 +255,15 @@ class ImageFolderDataModule(LightningDataModule):
             if folder.is_dir():
                 stats += sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(folder) if e.is_dir())
         key = hashlib.sha256(f"{self.root.resolve()}|{stats}|{INDEX_VERSION}".encode()).hexdigest()[:16]
-        return (self.cache_dir or default_cache_dir()) / f"{self.dataset_name}-index-{key}.pt"
+        return self.cache_root / f"{self.dataset_name}-index-{key}.pt"
 
+    @override
     def prepare_data(self) -> None:
         """Scan the folders once (one process per node) and cache the file index."""
         path = self._index_file()
         if not path.exists():
             index = build_index(self.root)
-            _save_atomic(index, path)
+            save_atomic(index, path)
             rank_zero_info(
                 f"Indexed {len(index['train']['files'])} training and {len(index['val']['files'])} validation "
                 f"images of {len(index['classes'])} classes in {self.root}; cached in {path}"
@@ -292,9 +272,10 @@ class ImageFolderDataModule(LightningDataModule):
     def _load_index(self) -> dict[str, Any]:
         path = self._index_file()
         if path.exists():
-            return torch.load(path, weights_only=True)
+            return load_cached(path)
         return build_index(self.root)
 
+    @override
     def setup(self, stage: str) -> None:
         if self.train_dataset is not None:
             return
@@ -305,14 +286,14 @@ class ImageFolderDataModule(LightningDataModule):
                 f"{self.root} has {len(self.classes)} class folders but num_classes={self.num_classes}; "
                 "set data.num_classes to match the data"
             )
-        common = {"image_size": self.image_size, "resize_size": self.resize_size, "scale": self.scale}
         for split, limit in (("train", self.subset), ("val", self.val_subset)):
             files, labels = index[split]["files"], index[split]["labels"]
             if limit is not None and limit < len(files):
                 keep = stratified_subset(labels, limit)
                 files, labels = [files[i] for i in keep.tolist()], labels[keep]
             dataset = ImageFolderDataset(
-                self.root, files, labels, train=split == "train" and self.augment, **common
+                self.root, files, labels, train=split == "train" and self.augment, image_size=self.image_size,
+                resize_size=self.resize_size, scale=self.scale,
             )
             if split == "train":
                 self.train_dataset = dataset
@@ -320,50 +301,34 @@ class ImageFolderDataModule(LightningDataModule):
                 self.val_dataset = dataset
 
     # ------------------------------------------------------------------ loaders
-    def _options(self) -> dict[str, Any]:
-        return {
-            "num_workers": self.num_workers,
-            "persistent_workers": self.num_workers > 0,
-            "pin_memory": self.pin_memory and torch.cuda.is_available(),
-        }
-
+    @override
     def train_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """Batches of this rank's shard, ordered by (run seed, epoch); resumable mid-epoch."""
-        if self.train_dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
-        self.train_dataset.seed = run_seed()
-        return resumable_train_loader(
-            self.train_dataset, self.batch_size, self.trainer, str(self.root), with_epoch=True, **self._options()
-        )
+        dataset = self._require(self.train_dataset)
+        dataset.seed = run_seed()
+        return self.train_loader(dataset, str(self.root), with_epoch=True)
 
-    def _eval_loader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        if self.val_dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
-        return DataLoader(self.val_dataset, batch_size=self.eval_batch_size, shuffle=False, **self._options())
-
+    @override
     def val_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """The validation images, in order."""
-        return self._eval_loader()
+        return self.eval_loader(self.val_dataset)
 
+    @override
     def test_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
         """The validation images again (ImageNet's test labels are not public)."""
-        return self._eval_loader()
+        return self.eval_loader(self.val_dataset)
 
+    @override
     def predict_dataloader(self) -> DataLoader[tuple[Tensor, Tensor]]:
-        return self._eval_loader()
+        """The validation images, in order."""
+        return self.eval_loader(self.val_dataset)
 
     # ------------------------------------------------------------------ on the device
-    def on_after_batch_transfer(
-        self, batch: tuple[Tensor, Tensor], dataloader_idx: int
-    ) -> tuple[Tensor, Tensor]:
-        """Flip half of a training batch at random and normalize, on the batch's device."""
-        images, labels = batch
-        trainer = self.trainer
-        if self.augment and trainer is not None and trainer.training:
-            generator = self._generators(trainer, images.device)
-            flip = torch.rand(len(images), 1, 1, 1, device=images.device, generator=generator) < 0.5
-            images = torch.where(flip, images.flip(-1), images)
-        return self._normalize(images, self.channels_last), labels
+    @override
+    def augment_batch(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """Flip half of the batch at random (the workers cut the random-resized crop)."""
+        flip = torch.rand(len(images), 1, 1, 1, device=images.device, generator=generator) < 0.5
+        return torch.where(flip, images.flip(-1), images)
 
 
 class ImageNetDataModule(ImageFolderDataModule):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import os
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -29,7 +28,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from qlight.data.sources import DatasetError
+from qlight._lightning_compat import batches_finished, batches_started, run_seed
 
 
 class ResumableSampler(DistributedSampler):
@@ -60,8 +59,9 @@ class ResumableSampler(DistributedSampler):
         drop_last: bool = True,
         with_epoch: bool = False,
     ) -> None:
-        super().__init__(  # type: ignore[arg-type]
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last
+        super().__init__(
+            dataset,  # type: ignore[arg-type]  # only its length is used: any Sized will do
+            num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last,
         )
         self.with_epoch = with_epoch
         self._resume: tuple[int, int] | None = None
@@ -97,12 +97,13 @@ class ResumableDataLoader(DataLoader):
     trainer: Trainer | None = None
 
     def state_dict(self) -> dict[str, Any]:
+        """The loader's position for the checkpoint (Lightning saves it)."""
         sampler = self.sampler
         if not isinstance(sampler, ResumableSampler):  # e.g. replaced by Lightning for overfit_batches
             return {}
         done = 0
         if self.trainer is not None:
-            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            done = batches_finished(self.trainer)
         return {
             "epoch": sampler.epoch,
             "samples": done * (self.batch_size or 1) * sampler.num_replicas,
@@ -111,6 +112,7 @@ class ResumableDataLoader(DataLoader):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the checkpoint's epoch after its samples (Lightning calls this on resume)."""
         sampler = self.sampler
         if not state or not isinstance(sampler, ResumableSampler):
             return
@@ -128,26 +130,14 @@ class ResumableDataLoader(DataLoader):
 
 
 def resumable_train_loader(
-    dataset: Any,
-    batch_size: int,
-    trainer: Trainer | None,
-    source: str,
-    with_epoch: bool = False,
-    **options: Any,
+    dataset: Any, batch_size: int, trainer: Trainer | None, with_epoch: bool = False, **options: Any
 ) -> ResumableDataLoader:
-    """The training loader of a DataModule: this rank's shard in (run seed, epoch) order, last
-    incomplete batch dropped, its position checkpointed by Lightning. ``options`` go to ``DataLoader``.
+    """The training loader of a DataModule: this rank's shard in (run seed, epoch) order.
 
-    Raises:
-        DatasetError: the training set (read from ``source``) has less than one batch per device.
+    The last incomplete batch is dropped and the position is checkpointed by Lightning. ``options`` go to
+    ``DataLoader``.
     """
     world_size = trainer.world_size if trainer is not None else 1
-    if len(dataset) < batch_size * world_size:
-        raise DatasetError(
-            f"the training set of {source} has {len(dataset)} images, fewer than one batch of {batch_size} "
-            f"per device on {world_size} device(s), so an epoch would have no steps; lower batch_size or "
-            "raise subset"
-        )
     sampler = ResumableSampler(
         dataset,
         num_replicas=world_size,
@@ -174,16 +164,12 @@ class BatchGenerators:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, trainer: Trainer, device: torch.device) -> torch.Generator:
+        """The generator of ``device``, seeded for the current training batch."""
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device)
-        position = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        position = batches_started(trainer)
         seed = batch_seed(run_seed(), trainer.global_rank, trainer.current_epoch, position)
         return self._generators[device].manual_seed(seed)
-
-
-def run_seed() -> int:
-    """The seed ``seed_everything`` set for this run (Lightning's convention; 0 when none was set)."""
-    return int(os.environ.get("PL_GLOBAL_SEED", "0"))
 
 
 def batch_seed(seed: int, rank: int, epoch: int, batch: int) -> int:

@@ -16,7 +16,6 @@ import json
 import multiprocessing
 import os
 import pickle
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterable
@@ -31,16 +30,14 @@ from PIL import Image
 from torch import Tensor
 from torchvision.datasets import utils as tv_utils
 
+from qlight.data.base import DatasetError, save_atomic
+
 #: Bump when the cache's content or decoding changes, so old cache files are not reused.
 CACHE_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: Fewer images than this per extra decoding process are decoded faster in-process.
 IMAGES_PER_WORKER = 2048
 SPLITS = ("train", "test")
-
-
-class DatasetError(ValueError):
-    """Raised for missing or malformed data; the message names the path and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -535,20 +532,6 @@ def _decode_tree(
     return data
 
 
-def _save_atomic(data: dict[str, Any], path: Path) -> None:
-    """Write via a temporary file in the same folder and ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def ensure_cached(
     spec: CifarSpec,
     root: str | os.PathLike[str],
@@ -575,18 +558,10 @@ def ensure_cached(
     if not path.is_file():
         start = time.perf_counter()
         data = decode(spec, source, subset, test_subset)
-        _save_atomic(data, path)
+        save_atomic(data, path)
         n = len(data["train_labels"]) + len(data["test_labels"])
         rank_zero_info(
             f"Decoded {n} {spec.title} images from {source.path} in {time.perf_counter() - start:.1f} s; "
             f"cached in {path}"
         )
     return path
-
-
-def load_cache(path: Path) -> dict[str, Any]:
-    """Load a cache file written by :func:`ensure_cached`."""
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as err:  # a cache damaged outside qlight (disk full, manual edits)
-        raise DatasetError(f"cannot load the data cache {path} ({err!r}); delete it to rebuild it") from err

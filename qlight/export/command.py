@@ -180,7 +180,7 @@ def _verify(
 
             missing = missing_tensors(onnx.load(str(out)), reference)
             runtime, logits = RUNTIMES[fmt][0], runtime_logits(fmt, out, images.inputs)
-    except Exception as err:  # a damaged or foreign file: whatever its runtime raises, say it in one line
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file: whatever its runtime raises, in one line
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise ExportError(f"output={str(out)!r} is not a runnable {fmt!r} export: {first[:300]}") from None
     return compare(

@@ -19,8 +19,8 @@ from torch import nn
 from qlight.export.onnx_ops import HardtanhQuantOp, ReluQuantOp, UnsupportedQuantizerError
 from qlight.export.qonnx_ops import QonnxConv2d, QonnxLinear, ReluQuantNode, hardtanh_quant_node
 from qlight.quant import iter_quant_modules
-from qlight.quant.export import freeze_weights
 from qlight.quant.layers import QuantAct, QuantConv2d, QuantHardtanh, QuantLinear
+from qlight.quant.packing import freeze_weights
 
 __all__ = ["Flavour", "deployable"]
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from qlight.quant import quant_acts, quant_layers
-from qlight.quant.export import pack_weight
 from qlight.quant.layers import QuantAct, TensorQuantizer
+from qlight.quant.packing import pack_weight
 
 __all__ = ["Footprint", "footprint"]
 

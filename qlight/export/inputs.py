@@ -31,8 +31,10 @@ class VerificationImages:
 
 
 def _evenly_spaced(n: int, k: int) -> list[int]:
-    """``k`` indices spread over ``range(n)``: the validation sets are ordered by class, so the first
-    ``k`` images would all be of one class."""
+    """``k`` indices spread over ``range(n)``.
+
+    The validation sets are ordered by class, so the first ``k`` images would all be of one class.
+    """
     if k >= n:
         return list(range(n))
     return torch.linspace(0, n - 1, k).round().long().unique().tolist()

@@ -38,7 +38,7 @@ EXTRA_MODULES = {"onnx": ("onnx", "onnxruntime"), "qonnx": ("onnx", "onnxruntime
 
 #: newer torch has a ``dynamo`` switch (True by default in 2.14); torch 2.4 has only the TorchScript exporter
 _HAS_DYNAMO_SWITCH = "dynamo" in inspect.signature(torch.onnx.export).parameters
-_TORCHSCRIPT_EXPORTER = {"dynamo": False} if _HAS_DYNAMO_SWITCH else {}
+_TORCHSCRIPT_EXPORTER: dict[str, Any] = {"dynamo": False} if _HAS_DYNAMO_SWITCH else {}
 
 
 class MissingExtraError(ImportError):
@@ -89,7 +89,7 @@ def write_onnx(
         torch.onnx.export(
             network.eval(),
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # a file object works as well as a path
             **_TORCHSCRIPT_EXPORTER,
             opset_version=OPSET,
             input_names=["input"],
@@ -120,8 +120,10 @@ def _has_qonnx_nodes(network: nn.Module) -> bool:
 
 
 def fold_small_constants(model: Any, max_elements: int = 4096) -> None:
-    """Replace, in place, standard-domain nodes whose inputs are all constant and whose outputs are small
-    by initializers (evaluated with ``onnx.reference``), and drop initializers nothing uses any more.
+    """Fold constant subgraphs of the graph into initializers, in place.
+
+    Standard-domain nodes whose inputs are all constant and whose outputs are small become initializers
+    (evaluated with ``onnx.reference``); initializers nothing uses any more are dropped.
 
     Identity nodes (the exporter's aliases of shared weights) and custom-domain nodes are kept.
     """

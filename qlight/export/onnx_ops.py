@@ -23,8 +23,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from qlight.quant import functional as QF
+from qlight.quant.checks import check_choice
 from qlight.quant.layers import QuantAct, QuantHardtanh
 
 __all__ = [
@@ -68,8 +70,11 @@ def ternary_unit_delta(quantizer_kwargs: dict[str, object]) -> float:
 
 
 def pow2_unit_thresholds(bits: int, thresholds: Sequence[float] | None) -> list[float]:
-    """Ascending thresholds of :func:`~qlight.quant.functional.pow2_quant`: the given ones, or the
-    nearest-level ones (midpoints of consecutive levels of :func:`~qlight.quant.functional.pow2_levels`)."""
+    """Ascending thresholds of :func:`~qlight.quant.functional.pow2_quant`.
+
+    The given ones, or the nearest-level ones (midpoints of consecutive levels of
+    :func:`~qlight.quant.functional.pow2_levels`).
+    """
     if thresholds is not None:
         return [float(t) for t in thresholds]
     levels = QF.pow2_levels(bits)
@@ -85,9 +90,13 @@ class ReluQuantOp(nn.Module):
         mode: ``ceil`` or ``round`` (``round``: ``α·clip(round(x/α), 0, L)``, half to even as ONNX Round).
     """
 
+    alpha: Tensor
+    threshold: Tensor
+    top: Tensor
+
     def __init__(self, alpha: Tensor, bits: int, mode: str) -> None:
         super().__init__()
-        QF.check_choice("mode", mode, ("ceil", "round"))
+        check_choice("mode", mode, QF.ACT_MODES)
         self.levels = 2**bits - 1
         self.mode = mode
         self.register_buffer("alpha", alpha.detach().float().reshape(()).clone())
@@ -101,6 +110,7 @@ class ReluQuantOp(nn.Module):
         """The op computing ``act``'s eval forward."""
         return cls(clamped_alpha(act), act.bits, act.mode)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "round":
             k = torch.clamp(torch.round(x / self.alpha), 0.0, float(self.levels))
@@ -110,6 +120,7 @@ class ReluQuantOp(nn.Module):
             k = torch.clamp(torch.ceil(torch.relu(x) / self.alpha), max=float(self.levels))
         return k * self.alpha
 
+    @override
     def extra_repr(self) -> str:
         alpha = float(self.alpha)
         return f"levels={self.levels}, mode={self.mode!r}, alpha={alpha:.6g}, compare_top={self.compare_top}"
@@ -126,6 +137,13 @@ class HardtanhQuantOp(nn.Module):
         thresholds: ``pow2_unit`` thresholds (ascending; ``len(levels) − 1`` of them).
     """
 
+    one: Tensor
+    minus_one: Tensor
+    zero: Tensor
+    delta: Tensor
+    levels: Tensor
+    thresholds: Tensor
+
     def __init__(
         self,
         quantizer: str,
@@ -136,7 +154,7 @@ class HardtanhQuantOp(nn.Module):
         thresholds: Sequence[float] = (),
     ) -> None:
         super().__init__()
-        QF.check_choice("quantizer", quantizer, HARDTANH_QUANTIZERS)
+        check_choice("quantizer", quantizer, HARDTANH_QUANTIZERS)
         self.quantizer = quantizer
         self.min_val = float(min_val)
         self.max_val = float(max_val)
@@ -166,10 +184,11 @@ class HardtanhQuantOp(nn.Module):
         kwargs = dict(q.quantizer_kwargs)
         if q.quantizer == "pow2_unit":
             levels = QF.pow2_levels(q.bits)
-            thresholds = pow2_unit_thresholds(q.bits, kwargs.get("thresholds"))  # type: ignore[arg-type]
+            thresholds = pow2_unit_thresholds(q.bits, kwargs.get("thresholds"))
             return cls("pow2_unit", layer.min_val, layer.max_val, levels=levels, thresholds=thresholds)
         return cls(q.quantizer, layer.min_val, layer.max_val, delta=ternary_unit_delta(kwargs))
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         y = torch.clamp(x, self.min_val, self.max_val)
         if self.quantizer == "sign":
@@ -182,5 +201,6 @@ class HardtanhQuantOp(nn.Module):
             level = torch.where(magnitude > self.thresholds[i], self.levels[i + 1], level)
         return torch.sign(y) * level
 
+    @override
     def extra_repr(self) -> str:
         return f"quantizer={self.quantizer!r}, range=[{self.min_val:g}, {self.max_val:g}]"

@@ -2,7 +2,7 @@
 
 A qlight checkpoint holds float latent weights plus optimizer and schedule state (DESIGN.md,
 contract 5). This format keeps what inference needs: each quantized layer's weight as a level
-table and bit-packed indices (:func:`qlight.quant.export.pack_weight`), the remaining float state
+table and bit-packed indices (:func:`qlight.quant.packing.pack_weight`), the remaining float state
 (BatchNorm, biases, activation resolutions, float first/last layers), the architecture and
 quantization spec to rebuild the network, and its :class:`~qlight.export.contract.InputContract`.
 :func:`load_exported` returns an :class:`ExportedClassifier` whose outputs equal the checkpoint's
@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from qlight.export.contract import InputContract
 from qlight.models import build_model
 from qlight.quant import QuantSpec, quant_layers, quantize_model
-from qlight.quant.export import freeze_weights, pack_weight, unpack_weight
+from qlight.quant.packing import freeze_weights, pack_weight, unpack_weight
 from qlight.tasks import ImageClassifier
 
 FORMAT = "qlight-quantized/2"
@@ -52,6 +53,7 @@ class ExportedClassifier(nn.Module):
         self.network = network
         self.contract = contract
 
+    @override
     def forward(self, images: Tensor) -> Tensor:
         x = self.contract.normalize(images) if images.dtype == torch.uint8 else images
         return self.network(x)

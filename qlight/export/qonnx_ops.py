@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from qlight.export.onnx_ops import (
     UnsupportedQuantizerError,
@@ -72,7 +73,7 @@ class _QuantFn(torch.autograd.Function):
     """QONNX ``Quant`` in PyTorch; traces into one ``Quant`` node."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         scale: Tensor,
@@ -120,7 +121,7 @@ class _BipolarQuantFn(torch.autograd.Function):
     """QONNX ``BipolarQuant`` in PyTorch; traces into one ``BipolarQuant`` node."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, scale: Tensor) -> Tensor:
         return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x)) * scale
 
     @staticmethod
@@ -133,6 +134,10 @@ class _BipolarQuantFn(torch.autograd.Function):
 class QuantNode(nn.Module):
     """A QONNX ``Quant`` node with constant scale, zero point 0 and bit width."""
 
+    scale: Tensor
+    zero_point: Tensor
+    bit_width: Tensor
+
     def __init__(self, scale: Tensor, bits: int, signed: bool, narrow: bool, rounding_mode: str) -> None:
         super().__init__()
         if rounding_mode not in _ROUNDING:
@@ -142,6 +147,7 @@ class QuantNode(nn.Module):
         self.register_buffer("bit_width", torch.tensor(float(bits)))
         self.signed, self.narrow, self.rounding_mode = int(signed), int(narrow), rounding_mode
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return _QuantFn.apply(
             x, self.scale, self.zero_point, self.bit_width, self.signed, self.narrow, self.rounding_mode
@@ -164,6 +170,7 @@ class QuantNode(nn.Module):
             dtype=np.float32,
         )
 
+    @override
     def extra_repr(self) -> str:
         return (
             f"bits={int(self.bit_width)}, signed={self.signed}, narrow={self.narrow}, "
@@ -174,10 +181,13 @@ class QuantNode(nn.Module):
 class BipolarQuantNode(nn.Module):
     """A QONNX ``BipolarQuant`` node with a constant scale."""
 
+    scale: Tensor
+
     def __init__(self, scale: Tensor) -> None:
         super().__init__()
         self.register_buffer("scale", scale.detach().float().clone())
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return _BipolarQuantFn.apply(x, self.scale)
 
@@ -232,7 +242,9 @@ def _uniform_scale(weight: Tensor, qmax: int, per_channel: bool) -> Tensor | Non
     return torch.stack(scales).reshape(_group_shape(weight, per_channel))
 
 
-def weight_quant_node(name: str, layer: QuantConv2d | QuantLinear, weight: Tensor) -> nn.Module:
+def weight_quant_node(
+    name: str, layer: QuantConv2d | QuantLinear, weight: Tensor
+) -> QuantNode | BipolarQuantNode:
     """The QONNX node that reproduces ``weight`` (= ``layer.quantized_weight()``) bit for bit.
 
     Raises:
@@ -241,7 +253,8 @@ def weight_quant_node(name: str, layer: QuantConv2d | QuantLinear, weight: Tenso
     q = layer.weight_quantizer
     kind, bits, per_channel = q.quantizer, q.bits, q.per_channel
     weight = weight.detach().float().cpu()
-    node: nn.Module
+    node: QuantNode | BipolarQuantNode
+    scale: Tensor | None
     if kind in ("binary", "sign"):
         zeros = int((weight == 0).sum())
         if zeros:
@@ -254,7 +267,7 @@ def weight_quant_node(name: str, layer: QuantConv2d | QuantLinear, weight: Tenso
     elif kind in ("ternary", "ternary_unit", "uniform"):
         qmax = 2 ** (bits - 1) - 1
         if kind == "ternary_unit":
-            scale: Tensor | None = torch.tensor(1.0)
+            scale = torch.tensor(1.0)
         elif kind == "ternary":
             absmax = _group_absmax(weight, per_channel)
             scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
@@ -272,7 +285,7 @@ def weight_quant_node(name: str, layer: QuantConv2d | QuantLinear, weight: Tenso
             "grid; power-of-two levels {0, ±2^-k} are not one); QONNX-exact weight quantizers: "
             "['binary', 'sign', 'ternary', 'ternary_unit', 'uniform']; export with --format onnx"
         )
-    reproduced = node.reference(weight.numpy())  # type: ignore[operator]
+    reproduced = node.reference(weight.numpy())
     if not np.array_equal(reproduced, weight.numpy()):
         raise UnsupportedQuantizerError(
             f"{name}: QONNX {type(node).__name__} does not reproduce its {kind} weights bit for bit; "
@@ -283,6 +296,10 @@ def weight_quant_node(name: str, layer: QuantConv2d | QuantLinear, weight: Tenso
 
 class _QonnxWeightLayer(nn.Module):
     """A conv/linear layer whose stored quantized weight passes through its QONNX node."""
+
+    weight: Tensor
+    bias: Tensor | None
+    quant: QuantNode | BipolarQuantNode
 
     def __init__(self, name: str, layer: QuantConv2d | QuantLinear) -> None:
         super().__init__()
@@ -308,6 +325,7 @@ class QonnxConv2d(_QonnxWeightLayer):
             layer.groups,
         )
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(
             x, self.quant(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups
@@ -317,13 +335,20 @@ class QonnxConv2d(_QonnxWeightLayer):
 class QonnxLinear(_QonnxWeightLayer):
     """``linear(x, Quant(w_q))``."""
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.quant(self.weight), self.bias)
 
 
 class ReluQuantNode(nn.Module):
-    """The BCGD quantized ReLU as an unsigned QONNX ``Quant`` (scale α), with the authors' top-level
-    comparison in front where float32 division needs it (:func:`top_level_needs_comparison`)."""
+    """The BCGD quantized ReLU as an unsigned QONNX ``Quant`` (scale α).
+
+    The authors' top-level comparison goes in front where float32 division needs it
+    (:func:`top_level_needs_comparison`).
+    """
+
+    threshold: Tensor
+    top_value: Tensor
 
     def __init__(self, act: QuantAct) -> None:
         super().__init__()
@@ -341,6 +366,7 @@ class ReluQuantNode(nn.Module):
             self.register_buffer("threshold", (levels - 1.0) * alpha)
             self.register_buffer("top_value", levels * alpha)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         if self.compare_top:
             x = torch.where(x > self.threshold, self.top_value, x)
@@ -354,6 +380,7 @@ class _ClipThen(nn.Module):
         super().__init__()
         self.node, self.lo, self.hi = node, lo, hi
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.node(torch.clamp(x, self.lo, self.hi))
 

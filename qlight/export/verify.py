@@ -117,8 +117,11 @@ def onnxruntime_logits(path: str | Path, inputs: np.ndarray, batch_size: int = 2
 
 
 def qonnx_logits(path: str | Path, inputs: np.ndarray, batch_size: int = 50) -> np.ndarray:
-    """Logits of a QONNX file run by qonnx's executor (``execute_onnx``: custom nodes in numpy, standard
-    nodes one at a time in onnxruntime). Batches are small because it keeps every intermediate tensor."""
+    """Logits of a QONNX file run by qonnx's executor.
+
+    ``execute_onnx`` runs custom nodes in numpy and standard nodes one at a time in onnxruntime. Batches
+    are small because it keeps every intermediate tensor.
+    """
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.core.onnx_exec import execute_onnx
     from qonnx.transformation.change_batchsize import ChangeBatchSize
@@ -190,9 +193,11 @@ class Parity:
             f"verify: {self.runtime} vs PyTorch eval of the checkpoint on {self.source}",
             f"  {tensors}",
             f"  top-1 agreement {100 * self.agreeing / self.images:.2f}% ({self.agreeing}/{self.images})",
-            f"  max |Δlogit| {self.max_abs_diff:.3g} (allowed {tol * s:.3g} = {tol:g} s), median over images "
-            f"{self.median_abs_diff:.3g} (allowed {rounding * s:.3g} = {rounding:g} s), "
-            f"s = max(1, max |logit|) = {s:.3g}",
+            (
+                f"  max |Δlogit| {self.max_abs_diff:.3g} (allowed {tol * s:.3g} = {tol:g} s), median over images "
+                f"{self.median_abs_diff:.3g} (allowed {rounding * s:.3g} = {rounding:g} s), "
+                f"s = max(1, max |logit|) = {s:.3g}"
+            ),
             f"  {self.beyond_rounding} image(s) differ beyond float rounding (quantizer boundary flips)",
         ]
         if self.reference_correct is not None and self.runtime_correct is not None:
@@ -224,7 +229,7 @@ def compare(
     ref_top, rt_top = ref.argmax(axis=1), runtime.argmax(axis=1)
     per_image = np.abs(runtime - ref).max(axis=1) if ref.size else np.zeros(len(ref))
     scale = max(1.0, float(np.abs(ref).max())) if ref.size else 1.0
-    correct = (None, None)
+    correct: tuple[int | None, int | None] = (None, None)
     if labels is not None:
         y = labels.cpu().numpy()
         correct = (int((ref_top == y).sum()), int((rt_top == y).sum()))

@@ -1,5 +1,7 @@
-"""``qlight grid``: a paper table's runs — configs × seeds × overrides — with fixed names, trained K at a time
-on one machine (or written as SLURM array scripts), surviving being killed and run again.
+"""``qlight grid``: a paper table's runs (configs × seeds × overrides) with fixed names.
+
+They are trained K at a time on one machine (or written as SLURM array scripts) and survive being killed
+and run again.
 
 :mod:`~qlight.grid.protocol` loads protocols and expands them into :class:`~qlight.grid.protocol.RunSpec`;
 :mod:`~qlight.grid.check` resolves each run's config up front; :mod:`~qlight.grid.launch` plans (skip, resume,

@@ -1,6 +1,8 @@
-"""Resolve every run's config before anything starts, so a typo in an override fails in a second, not
-after the first runs have trained: the ``qlight fit`` parser reads the configs and overrides exactly as the
-runs will (``--print_config``, no model or data built)."""
+"""Resolve every run's config before anything starts.
+
+A typo in an override then fails in a second, not after the first runs have trained: the ``qlight fit``
+parser reads the configs and overrides exactly as the runs will (``--print_config``, no model or data built).
+"""
 
 from __future__ import annotations
 

@@ -54,9 +54,11 @@ class Planned:
 
     @property
     def own_folder(self) -> Path:
+        """The folder of the run's grid record and output."""
         return LOGS / self.spec.name
 
     def csv_folder(self) -> Path | None:
+        """The run's CSV folder, once it has one."""
         root = self.resolved.csv_root or "logs"
         return find_run_folder(self.spec.name, root)
 
@@ -129,7 +131,7 @@ def _error_line(log: Path, offset: int, returncode: int | None) -> str:
 
 
 def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     return f"{minutes}m{secs:02d}s"
 
 
@@ -151,8 +153,11 @@ class LocalGrid:
     def __init__(self, planned: list[Planned], parallel: int = 1, gpus: list[str] | None = None,
                  echo: Callable[[str], None] = print, poll_seconds: float = 0.5,
                  selected: set[str] | None = None, program: list[str] | None = None) -> None:
-        """``selected``: names to run (default all; the others only count as parents); ``program``: the
-        command the run's arguments follow (default ``python -m qlight fit``)."""
+        """Plan the runs.
+
+        ``selected``: names to run (default all; the others only count as parents); ``program``: the
+        command the run's arguments follow (default ``python -m qlight fit``).
+        """
         self.program = program or [sys.executable, "-m", "qlight", "fit"]
         self.by_name = {p.spec.name: p for p in planned}
         self.planned = [p for p in planned if selected is None or p.spec.name in selected]
@@ -206,7 +211,7 @@ class LocalGrid:
         name = planned.spec.name
         planned.own_folder.mkdir(parents=True, exist_ok=True)
         log_path = planned.own_folder / GRID_OUTPUT
-        log = open(log_path, "ab")
+        log = open(log_path, "ab")  # noqa: SIM115 - open while the run lives; closed when it ends
         offset = log.tell()
 
         def note(text: str) -> None:
@@ -283,8 +288,10 @@ class LocalGrid:
         return f"blocked: init_from run {parent} is {outcome}"
 
     def _start_ready(self, pending: list[Planned], active: list[_Active]) -> bool:
-        """Start pending runs whose parent has finished, up to ``parallel`` at a time; block those whose
-        parent failed. Returns whether anything changed."""
+        """Start pending runs whose parent has finished, up to ``parallel`` at a time.
+
+        Runs whose parent failed are blocked. Returns whether anything changed.
+        """
         changed = False
         for planned in list(pending):
             if len(active) >= self.parallel:

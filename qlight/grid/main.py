@@ -70,7 +70,7 @@ def _table(planned: list[Planned], commands: bool) -> str:
     for p in planned:
         state = p.state + (f" ({p.detail})" if p.state == "resume" and p.detail else "")
         after = p.spec.parent or ""
-        lines.append(f"  {state:<9} {p.spec.name:<{width}}  {str(p.resolved.cell):<{cells}}  {after}")
+        lines.append(f"  {state:<9} {p.spec.name:<{width}}  {p.resolved.cell!s:<{cells}}  {after}")
         if commands:
             init_from = f"<{p.spec.parent_checkpoint} checkpoint of {p.spec.parent}>" if p.spec.parent else None
             ckpt = "<its newest checkpoint>" if p.state == "resume" else None

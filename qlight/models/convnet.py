@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from qlight.models.registry import register_model
 
@@ -71,6 +72,7 @@ class ConvNet(nn.Module):
             nn.BatchNorm1d(num_classes) if last_bn else nn.Identity(),
         )
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
 

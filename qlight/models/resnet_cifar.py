@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 from qlight.models.registry import register_model
 
@@ -39,6 +40,7 @@ class ShortcutA(nn.Module):
         self.extra = out_channels - in_channels
         self.pad = pad
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride != 1:
             x = x[:, :, :: self.stride, :: self.stride]
@@ -47,6 +49,7 @@ class ShortcutA(nn.Module):
             x = F.pad(x, (0, 0, 0, 0, before, self.extra - before))
         return x
 
+    @override
     def extra_repr(self) -> str:
         return f"stride={self.stride}, pad_channels={self.extra}, pad={self.pad!r}"
 
@@ -67,6 +70,7 @@ class BasicBlock(nn.Module):
         else:
             self.shortcut = nn.Identity()
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -99,6 +103,7 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(64, num_classes)
         init_like_bcgd(self)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from qlight.models.registry import register_model
 from qlight.models.resnet_cifar import init_like_bcgd
@@ -32,6 +33,7 @@ class CifarVGG(nn.Module):
         self.classifier = nn.Linear(in_ch, num_classes)
         init_like_bcgd(self)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
 

@@ -9,9 +9,12 @@ Plain PyTorch (no Lightning), usable from any training loop::
 Modules: :mod:`~qlight.quant.functional` (hard quantizers, closed forms), :mod:`~qlight.quant.estimators`
 (straight-through/AQE/EDE estimators and their registry, the BCGD quantized-ReLU backward),
 :mod:`~qlight.quant.layers` (TensorQuantizer, QuantConv2d, QuantLinear, QuantAct, QuantHardtanh),
-:mod:`~qlight.quant.policy` (QuantSpec, quantize_model, parameter groups and callback helpers).
+:mod:`~qlight.quant.policy` (QuantSpec, quantize_model, parameter groups and callback helpers),
+:mod:`~qlight.quant.checks` (argument checks and :class:`QuantArgError`), :mod:`~qlight.quant.packing` (frozen
+and bit-packed quantized weights).
 """
 
+from .checks import QuantArgError
 from .estimators import (
     ALPHA_RULES,
     ESTIMATORS,
@@ -78,6 +81,7 @@ __all__ = [
     "EDEEstimator",
     "Estimator",
     "QuantAct",
+    "QuantArgError",
     "QuantConv2d",
     "QuantHardtanh",
     "QuantLinear",

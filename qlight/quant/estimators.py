@@ -23,12 +23,13 @@ The BCGD quantized-ReLU coarse gradients live in :mod:`qlight.quant.quant_relu`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
-from .functional import check_choice
+from .checks import Arg, ChoiceError, QuantArgError, check_choice, check_that
 from .quant_relu import ALPHA_RULES, X_RULES, alpha_grad_factor, quant_relu, x_grad_mask
 
 __all__ = [
@@ -77,17 +78,22 @@ def list_estimators() -> list[str]:
 def get_estimator(name: str) -> type[Estimator]:
     """Estimator class registered as ``name``; ``ValueError`` listing the valid names otherwise."""
     if name not in ESTIMATORS:
-        raise ValueError(f"estimator={name!r} is not registered; valid: {list_estimators()}")
+        raise ChoiceError("estimator", name, list_estimators(), problem="is not registered")
     return ESTIMATORS[name]
 
 
 def build_estimator(name: str, **kwargs: object) -> Estimator:
-    """Instantiate the estimator ``name`` with ``kwargs``; bad keyword names raise a ``ValueError``."""
+    """Instantiate the estimator ``name`` with ``kwargs``; bad names or values raise a :class:`QuantArgError`."""
     cls = get_estimator(name)
     try:
-        return cls(**kwargs)  # type: ignore[arg-type]
-    except TypeError as err:
-        raise ValueError(f"bad estimator_kwargs for estimator={name!r}: {err}") from err
+        return cls(**kwargs)
+    except TypeError as err:  # a keyword the estimator does not take
+        error = QuantArgError(
+            Arg("estimator_kwargs"), f"={dict(kwargs)!r}: bad estimator_kwargs for estimator={name!r}: {err}"
+        )
+    except ValueError as err:  # a value the estimator rejects
+        error = QuantArgError(Arg("estimator_kwargs"), f"={dict(kwargs)!r}: {err}")
+    raise error  # outside the except clause: this line is the whole story
 
 
 def _as_tensor(v: Tensor | float, like: Tensor) -> Tensor:
@@ -118,13 +124,13 @@ class _StraightThrough(torch.autograd.Function):
     """Forward: ``value`` as is (no arithmetic). Backward: ``estimator.input_grad(x, g, mix)`` for ``x``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, value: Tensor, estimator: Estimator, mix: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, value: Tensor, estimator: Estimator, mix: Tensor) -> Tensor:
         ctx.estimator = estimator
         ctx.save_for_backward(x if estimator.needs_input else None, mix)
         return value.view_as(value)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, mix = ctx.saved_tensors
         gx = ctx.estimator.input_grad(x, g, mix) if ctx.needs_input_grad[0] else None
         return gx, None, None, None
@@ -153,6 +159,7 @@ class Estimator(nn.Module):
         """``∂L/∂x`` given ``g = ∂L/∂y`` (``x`` is the latent tensor, detached; ``mix`` the 0-dim mixing weight)."""
         raise NotImplementedError
 
+    @override
     def forward(self, x: Tensor, x_q: Tensor, mix: Tensor | float) -> Tensor:
         m = _as_tensor(mix, x)
         return straight_through(x, _mix_value(x, x_q, m), self, m)
@@ -168,6 +175,7 @@ class STE(Estimator):
 
     needs_input = False
 
+    @override
     def input_grad(self, x: Tensor, g: Tensor, mix: Tensor) -> Tensor:
         return g
 
@@ -181,15 +189,20 @@ class ClippedSTE(Estimator):
 
     def __init__(self, clip: float = 1.0) -> None:
         super().__init__()
-        if not clip > 0:
-            raise ValueError(f"clip={clip!r} must be > 0")
+        check_that(clip > 0, "clip", clip, "must be > 0")
         self.clip = float(clip)
 
+    @override
     def input_grad(self, x: Tensor, g: Tensor, mix: Tensor) -> Tensor:
         return g.masked_fill(x.abs() > self.clip, 0.0)
 
+    @override
     def extra_repr(self) -> str:
         return f"clip={self.clip}"
+
+
+#: AQE's backward rules (:class:`AQEEstimator`)
+BackwardRule = Literal["eq18", "alg1", "autograd"]
 
 
 @register_estimator("aqe")
@@ -205,16 +218,16 @@ class AQEEstimator(Estimator):
     ``eq18`` and ``alg1`` coincide at α = 1/2; ``autograd`` is half of them there ((1 − α) = 1/2).
     """
 
-    RULES = ("eq18", "alg1", "autograd")
+    RULES: tuple[BackwardRule, ...] = get_args(BackwardRule)
 
-    def __init__(self, backward_rule: str = "eq18", clip: float = 1.0) -> None:
+    def __init__(self, backward_rule: BackwardRule = "eq18", clip: float = 1.0) -> None:
         super().__init__()
         check_choice("backward_rule", backward_rule, self.RULES)
-        if not clip > 0:
-            raise ValueError(f"clip={clip!r} must be > 0")
+        check_that(clip > 0, "clip", clip, "must be > 0")
         self.backward_rule = backward_rule
         self.clip = float(clip)
 
+    @override
     def input_grad(self, x: Tensor, g: Tensor, mix: Tensor) -> Tensor:
         m = mix.to(g.dtype)
         if self.backward_rule == "autograd":
@@ -223,6 +236,7 @@ class AQEEstimator(Estimator):
             g = g * (2.0 * m)
         return g.masked_fill(x.abs() > self.clip, 0.0)
 
+    @override
     def extra_repr(self) -> str:
         return f"backward_rule={self.backward_rule!r}, clip={self.clip}"
 
@@ -243,8 +257,7 @@ class EDEEstimator(Estimator):
 
     def __init__(self, t: float = 0.1, k: float | None = None) -> None:
         super().__init__()
-        if not t > 0:
-            raise ValueError(f"t={t!r} must be > 0")
+        check_that(t > 0, "t", t, "must be > 0")
         self.register_buffer("t", torch.tensor(float(t)))
         self.register_buffer("k", torch.tensor(float(k) if k is not None else max(1.0 / float(t), 1.0)))
 
@@ -255,6 +268,7 @@ class EDEEstimator(Estimator):
         self.t.copy_(tt)
         self.k.copy_(torch.clamp(1.0 / tt, min=1.0))
 
+    @override
     def input_grad(self, x: Tensor, g: Tensor, mix: Tensor) -> Tensor:
         t = self.t.to(x.dtype)
         scale = self.k.to(x.dtype) * t * (1.0 - torch.tanh(t * x) ** 2)

@@ -18,19 +18,28 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
+from .checks import Arg, QuantArgError, check_choice, check_that
+
 __all__ = [
+    "ACT_BITS",
+    "ACT_MODES",
+    "BINARY_SCALES",
+    "POW2_BITS",
+    "POW2_SCALES",
+    "TERNARY_SCALES",
+    "UNIFORM_BITS",
+    "ActMode",
     "act_bounds",
     "act_level_index",
     "act_levels",
     "act_quant",
     "act_regions",
     "binary_weight",
-    "check_choice",
     "pow2_levels",
     "pow2_quant",
     "pow2_weight",
@@ -45,11 +54,13 @@ UNIFORM_BITS = tuple(range(2, 9))
 POW2_BITS = tuple(range(2, 9))
 ACT_BITS = tuple(range(1, 9))
 
-
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    """Raise ``ValueError("<name>=<value!r> is not supported; valid: [...]")`` unless ``value in choices``."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; valid: {list(choices)}")
+#: rounding of x/α inside the quantized ReLU's staircase: ``ceil`` (the BCGD authors' code) or ``round``
+ActMode = Literal["ceil", "round"]
+ACT_MODES: tuple[ActMode, ...] = get_args(ActMode)
+#: scale rules of :func:`binary_weight`, :func:`ternary_weight` and :func:`pow2_weight`
+BINARY_SCALES = ("mean", "median")
+TERNARY_SCALES = ("code", "twn")
+POW2_SCALES = ("ls", "max")
 
 
 def _fp(x: Tensor) -> Tensor:
@@ -72,7 +83,7 @@ def _stat_shape(w: Tensor, per_channel: bool) -> tuple[int, ...]:
 
 
 def _reduce(a: Tensor, per_channel: bool, op: str) -> Tensor:
-    """sum / mean / max / median of ``a`` per tensor or per output channel, shaped to broadcast against ``a``."""
+    """Sum / mean / max / median of ``a`` per tensor or per output channel, shaped to broadcast against ``a``."""
     f = _flat(a, per_channel)
     if op == "sum":
         r = f.sum(dim=1)
@@ -103,7 +114,7 @@ def binary_weight(w: Tensor, scale: str = "mean", per_channel: bool = False) -> 
     Returns:
         Tensor of ``w``'s shape and dtype with values in ``{−δ, 0, +δ}`` (0 only where ``w == 0``).
     """
-    check_choice("scale", scale, ("mean", "median"))
+    check_choice("scale", scale, BINARY_SCALES)
     wf = _fp(w)
     a = wf.abs()
     delta = _reduce(a, per_channel, scale)
@@ -124,9 +135,8 @@ def ternary_weight(
     Returns:
         Tensor of ``w``'s shape and dtype with values in ``{−c, 0, +c}``.
     """
-    check_choice("scale", scale, ("code", "twn"))
-    if not threshold > 0:
-        raise ValueError(f"threshold={threshold!r} must be > 0")
+    check_choice("scale", scale, TERNARY_SCALES)
+    check_that(threshold > 0, "threshold", threshold, "must be > 0")
     wf = _fp(w)
     a = wf.abs()
     t = (threshold * _reduce(a, per_channel, "mean")).clamp(max=100.0)
@@ -193,8 +203,7 @@ def ternary_quant(x: Tensor, delta: float = 0.5) -> Tensor:
 
     The default Δ = 0.5 is the nearest-level threshold (the paper does not give Δ).
     """
-    if not delta >= 0:
-        raise ValueError(f"delta={delta!r} must be >= 0")
+    check_that(delta >= 0, "delta", delta, "must be >= 0")
     return torch.sign(x).masked_fill_(x.abs() <= delta, 0.0)
 
 
@@ -212,10 +221,11 @@ def _pow2_thresholds(bits: int, thresholds: Sequence[float] | None) -> tuple[flo
     m = 2 ** (bits - 1) - 1
     th = tuple(float(t) for t in thresholds)
     if len(th) != m or any(t <= 0 for t in th) or any(b <= a for a, b in itertools.pairwise(th)):
-        raise ValueError(
-            f"thresholds={list(thresholds)!r} must be {m} strictly increasing positive numbers for bits={bits} "
+        raise QuantArgError(
+            Arg("thresholds"),
+            f"={list(thresholds)!r} must be {m} strictly increasing positive numbers for bits={bits} "
             f"([zero threshold, then one boundary per pair of adjacent non-zero levels]; "
-            f"default {_default_pow2_thresholds(bits)})"
+            f"default {_default_pow2_thresholds(bits)})",
         )
     return th
 
@@ -276,7 +286,7 @@ def pow2_weight(
 
     An all-zero w gives 0.
     """
-    check_choice("scale", scale, ("ls", "max"))
+    check_choice("scale", scale, POW2_SCALES)
     check_choice("bits", bits, POW2_BITS)
     wf = _fp(w)
     a = wf.abs()
@@ -345,7 +355,7 @@ def act_level_index(x: Tensor, alpha: Tensor | float, bits: int, mode: str = "ce
 
     It is also the a.e.-exact α-derivative of the quantized ReLU (``alpha_rule="ae"``).
     """
-    check_choice("mode", mode, ("ceil", "round"))
+    check_choice("mode", mode, ACT_MODES)
     xf = _fp(x)
     a = alpha if isinstance(alpha, Tensor) else torch.tensor(float(alpha), dtype=xf.dtype, device=xf.device)
     a = a.to(device=xf.device, dtype=xf.dtype)
@@ -367,7 +377,7 @@ def act_quant(x: Tensor, alpha: Tensor | float, bits: int, mode: str = "ceil") -
     Both take exactly ``2^b`` values. α must be positive (the layer clamps it); it may be a 0-dim tensor.
     """
     check_choice("bits", bits, ACT_BITS)
-    check_choice("mode", mode, ("ceil", "round"))
+    check_choice("mode", mode, ACT_MODES)
     xf = _fp(x)
     a = alpha if isinstance(alpha, Tensor) else torch.tensor(float(alpha), dtype=xf.dtype, device=xf.device)
     a = a.to(device=xf.device, dtype=xf.dtype)

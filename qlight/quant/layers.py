@@ -1,5 +1,8 @@
-"""Quantized layers: a tensor quantizer module, quantized Conv2d/Linear, the BCGD quantized ReLU, and the
-AQE/MINW-Net HardTanh input quantizer.
+"""Quantized layers: TensorQuantizer, QuantConv2d/QuantLinear, QuantAct (BCGD), QuantHardtanh (AQE inputs).
+
+:class:`TensorQuantizer` quantizes a tensor with a named quantizer and estimator; the conv and linear layers
+quantize their weight with it; :class:`QuantAct` is the BCGD quantized ReLU and :class:`QuantHardtanh` the
+AQE/MINW-Net input quantizer.
 
 Style follows timm's ``std_conv.py``: the layers subclass ``nn.Conv2d`` / ``nn.Linear``, keep the float latent
 ``weight`` as the Parameter, transform it in ``forward`` and call the functional conv/linear. Every scheduled knob
@@ -13,17 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from . import functional as QF
+from .checks import Arg, ChoiceError, QuantArgError, check_choice, check_that
 from .estimators import Estimator, build_estimator, straight_through
-from .functional import _fp, check_choice
-from .quant_relu import ALPHA_RULES, MODES, X_RULES, QuantReLUFunction, quant_relu_table
+from .functional import ACT_BITS, ACT_MODES, _fp
+from .quant_relu import ALPHA_RULES, X_RULES, QuantReLUFunction, quant_relu_table
 
 __all__ = [
     "BIT_ALPHA",
@@ -44,14 +49,21 @@ class QuantizerDef:
     """A named hard quantizer: ``fn(x, bits, per_channel, **kwargs) -> Q(x)`` and what it accepts.
 
     Use a module-level function for ``fn`` (not a lambda) so quantized models stay picklable.
+
+    Args:
+        fn: the hard quantizer.
+        bits: the bit-widths it supports.
+        default_bits: the bit-width used when none is given.
+        kwargs: the keyword arguments of ``fn`` a user may set (``quantizer_kwargs``).
+        scaled: whether ``Q(x)`` multiplies levels by a scale computed from ``x`` (so a scale per output
+            channel makes sense); unscaled quantizers map onto fixed levels such as {−1, +1}.
     """
 
     fn: Callable[..., Tensor]
     bits: tuple[int, ...]
     default_bits: int
-    kwargs: tuple[str, ...] = ()
-    per_channel: bool = True  # whether per-output-channel statistics make sense
-    doc: str = ""
+    kwargs: tuple[str, ...]
+    scaled: bool
 
 
 # Named module-level adapters (not lambdas) so modules holding a quantizer stay picklable (ddp_spawn,
@@ -86,15 +98,20 @@ def _q_pow2_unit(x: Tensor, bits: int, pc: bool, **kw: Any) -> Tensor:
 
 #: name -> hard quantizer definition. Extend with :func:`register_quantizer`.
 QUANTIZERS: dict[str, QuantizerDef] = {
-    "binary": QuantizerDef(_q_binary, (1,), 1, ("scale",), True, "δ·sign(w), δ = mean|w| (or median)"),
-    "ternary": QuantizerDef(
-        _q_ternary, (2,), 2, ("threshold", "scale"), True, "c·sign(w)·1{|w| ≥ 0.7·mean|w|}"
-    ),
-    "uniform": QuantizerDef(_q_uniform, QF.UNIFORM_BITS, 4, (), True, "c·{0, ±1, …, ±(2^(b−1)−1)}, LS scale"),
-    "pow2": QuantizerDef(_q_pow2, QF.POW2_BITS, 3, ("scale", "thresholds"), True, "c·{0, ±2^−k, ±1}"),
-    "sign": QuantizerDef(_q_sign, (1,), 1, (), False, "{−1, +1}"),
-    "ternary_unit": QuantizerDef(_q_ternary_unit, (2,), 2, ("delta",), False, "{−1, 0, 1}"),
-    "pow2_unit": QuantizerDef(_q_pow2_unit, QF.POW2_BITS, 3, ("thresholds",), False, "{0, ±2^−k, ±1}"),
+    # δ·sign(w), δ = mean|w| (or median)
+    "binary": QuantizerDef(fn=_q_binary, bits=(1,), default_bits=1, kwargs=("scale",), scaled=True),
+    # c·sign(w)·1{|w| ≥ 0.7·mean|w|}
+    "ternary": QuantizerDef(fn=_q_ternary, bits=(2,), default_bits=2, kwargs=("threshold", "scale"), scaled=True),
+    # c·{0, ±1, …, ±(2^(b−1)−1)}, least-squares scale
+    "uniform": QuantizerDef(fn=_q_uniform, bits=QF.UNIFORM_BITS, default_bits=4, kwargs=(), scaled=True),
+    # c·{0, ±2^−k, …, ±1}
+    "pow2": QuantizerDef(fn=_q_pow2, bits=QF.POW2_BITS, default_bits=3, kwargs=("scale", "thresholds"), scaled=True),
+    # {−1, +1}
+    "sign": QuantizerDef(fn=_q_sign, bits=(1,), default_bits=1, kwargs=(), scaled=False),
+    # {−1, 0, 1}
+    "ternary_unit": QuantizerDef(fn=_q_ternary_unit, bits=(2,), default_bits=2, kwargs=("delta",), scaled=False),
+    # {0, ±2^−k, …, ±1}
+    "pow2_unit": QuantizerDef(fn=_q_pow2_unit, bits=QF.POW2_BITS, default_bits=3, kwargs=("thresholds",), scaled=False),
 }
 
 
@@ -106,28 +123,28 @@ def register_quantizer(name: str, definition: QuantizerDef) -> None:
 
 
 def validate_quantizer(
-    quantizer: str, bits: int | None, per_channel: bool = False, kwargs: Mapping[str, Any] | None = None,
-    prefix: str = "",
+    quantizer: str, bits: int | None, per_channel: bool = False, kwargs: Mapping[str, Any] | None = None
 ) -> int:
     """Check a (quantizer, bits, per_channel, kwargs) combination; return the resolved bits.
 
-    Raises ``ValueError`` naming the argument, the value and the valid choices, e.g.
-    ``bits=3 is not supported by quantizer='binary'; valid: [1]``.
+    Raises a :class:`~qlight.quant.checks.QuantArgError` naming the argument, the value and the valid choices,
+    e.g. ``bits=3 is not supported by quantizer='binary'; valid: [1]``.
     """
-    check_choice(f"{prefix}quantizer", quantizer, sorted(QUANTIZERS))
+    check_choice("quantizer", quantizer, sorted(QUANTIZERS))
     d = QUANTIZERS[quantizer]
     b = d.default_bits if bits is None else bits
-    if b not in d.bits:
-        raise ValueError(f"{prefix}bits={b!r} is not supported by quantizer={quantizer!r}; valid: {list(d.bits)}")
-    if per_channel and not d.per_channel:
-        raise ValueError(
-            f"{prefix}per_channel=True is not supported by quantizer={quantizer!r} (it has no scale); "
-            f"per-channel quantizers: {sorted(k for k, v in QUANTIZERS.items() if v.per_channel)}"
+    check_choice("bits", b, d.bits, by=("quantizer", quantizer))
+    if per_channel and not d.scaled:
+        scaled = sorted(k for k, v in QUANTIZERS.items() if v.scaled)
+        raise QuantArgError(
+            Arg("per_channel"), "=True is not supported by ", Arg("quantizer"),
+            f"={quantizer!r} (it has no scale); valid: False, or a quantizer with a scale: {scaled}",
         )
     for k in kwargs or {}:
         if k not in d.kwargs:
-            raise ValueError(
-                f"{prefix}quantizer_kwargs key {k!r} is not accepted by quantizer={quantizer!r}; valid: {list(d.kwargs)}"
+            raise QuantArgError(
+                Arg("quantizer_kwargs"), f" key {k!r} is not accepted by ", Arg("quantizer"),
+                f"={quantizer!r}; valid: {list(d.kwargs)}",
             )
     return int(b)
 
@@ -184,8 +201,7 @@ class TensorQuantizer(nn.Module):
         self.quantizer = quantizer
         self.per_channel = bool(per_channel)
         self.quantizer_kwargs: dict[str, Any] = dict(quantizer_kwargs or {})
-        if not 0.0 <= float(mix) <= 1.0:
-            raise ValueError(f"mix={mix!r} must be in [0, 1]")
+        check_that(0.0 <= float(mix) <= 1.0, "mix", mix, "must be in [0, 1]")
         self.register_buffer("mix", torch.tensor(float(mix)))
         self.estimator_name = estimator
         self.estimator: Estimator = build_estimator(estimator, **dict(estimator_kwargs or {}))
@@ -196,7 +212,13 @@ class TensorQuantizer(nn.Module):
         self._mix_one_key: tuple[int, int] | None = None
         self._note_mix(float(mix))
         # dry run: bad quantizer_kwargs values fail here, at construction, not at the first forward
-        self._q(torch.linspace(-1.0, 1.0, 8).reshape(2, 4))
+        try:
+            self._q(torch.linspace(-1.0, 1.0, 8).reshape(2, 4))
+        except ChoiceError as err:  # e.g. scale='max' for binary: its choices are the quantizer's
+            error = err.within("quantizer", quantizer)
+        else:
+            return
+        raise error
 
     # ------------------------------------------------------------------ mix bookkeeping (host side)
     def _note_mix(self, value: float) -> None:
@@ -214,12 +236,14 @@ class TensorQuantizer(nn.Module):
         self.mix.fill_(float(value))
         self._note_mix(float(value))
 
+    @override
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         loaded = state_dict.get(prefix + "mix")
         if isinstance(loaded, Tensor) and loaded.numel() == 1 and loaded.device.type != "meta":
             self._note_mix(float(loaded))
 
+    @override
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TensorQuantizer:
         was_one = self._mix_is_one()
         super()._apply(fn, *args, **kwargs)
@@ -258,14 +282,38 @@ class TensorQuantizer(nn.Module):
         self._training_value = None
         self._training_key = None
 
+    def _relaxed(self, xd: Tensor, x_q: Tensor) -> Tensor:
+        """``lerp(x, Q(x), mix)``, the training value of built-in estimators (``Q(x)`` itself when mix is known 1)."""
+        return x_q if self._mix_is_one() else torch.lerp(xd, x_q, self.mix.to(xd.dtype))
+
+    def _has_own_forward(self) -> bool:
+        return type(self.estimator).forward is not Estimator.forward
+
+    def forward_value(self, x: Tensor, fresh: bool = False) -> Tensor:
+        """The value the training forward gives for ``x``, without gradient, in ``x``'s dtype.
+
+        The tensor kept from the last training forward when it is still valid (:meth:`training_value`), else
+        recomputed from ``x`` the way :meth:`forward` computes it, so both give the same bits, for every estimator
+        (an estimator with its own ``forward`` is called on the detached tensors).
+        """
+        kept = self.training_value(x, fresh)
+        if kept is not None:
+            return kept
+        with torch.no_grad():
+            xd = _fp(x.detach())
+            x_q = self._q(xd)
+            value = self.estimator(xd, x_q, self.mix) if self._has_own_forward() else self._relaxed(xd, x_q)
+        return value.to(x.dtype)
+
+    @override
     def forward(self, x: Tensor) -> Tensor:
         xf = _fp(x)
         xd = xf.detach()
         x_q = self._q(xd)
         if self.training:
             estimator = self.estimator
-            if type(estimator).forward is Estimator.forward:
-                value = x_q if self._mix_is_one() else torch.lerp(xd, x_q, self.mix.to(xd.dtype))
+            if not self._has_own_forward():
+                value = self._relaxed(xd, x_q)
                 y = straight_through(xf, value, estimator, self.mix)
             else:  # an estimator with its own forward (e.g. the detach trick)
                 y = estimator(xf, x_q, self.mix)
@@ -286,6 +334,7 @@ class TensorQuantizer(nn.Module):
         """Short tag such as ``binary/1b/ste`` (``+pc`` when per channel)."""
         return f"{self.quantizer}/{self.bits}b{'+pc' if self.per_channel else ''}/{self.estimator_name}"
 
+    @override
     def extra_repr(self) -> str:
         s = f"quantizer={self.quantizer!r}, bits={self.bits}"
         if self.per_channel:
@@ -305,7 +354,7 @@ def _share_params(dst: nn.Module, src: nn.Module) -> None:
 class _WeightQuantized:
     """What QuantConv2d and QuantLinear share: the latent ``weight`` and its quantized forms."""
 
-    weight: nn.Parameter
+    weight: Tensor
     weight_quantizer: TensorQuantizer
 
     def quantized_weight(self) -> Tensor:
@@ -317,18 +366,11 @@ class _WeightQuantized:
 
         When the quantizer keeps its training value (``weight_quantizer.keep_training_value``, switched on by
         BCGD and BinaryRelax) and the weight is unchanged since the last training forward, this is that exact
-        tensor, at no cost. Otherwise it is recomputed from the current weight with the same expression the
-        forward uses, so both ways give the same bits. ``fresh`` is passed on to
+        tensor, at no cost. Otherwise it is recomputed from the current weight the way the forward computes it
+        (:meth:`TensorQuantizer.forward_value`), so both ways give the same bits. ``fresh`` is passed on to
         :meth:`TensorQuantizer.training_value` (for values kept by a compiled forward).
         """
-        kept = self.weight_quantizer.training_value(self.weight, fresh)
-        if kept is not None:
-            return kept
-        quantizer = self.weight_quantizer
-        w = _fp(self.weight.detach())
-        with torch.no_grad():
-            value = torch.lerp(w, quantizer._q(w), quantizer.mix.to(w.dtype))
-        return value.to(self.weight.dtype)
+        return self.weight_quantizer.forward_value(self.weight, fresh)
 
 
 class QuantConv2d(_WeightQuantized, nn.Conv2d):
@@ -348,7 +390,7 @@ class QuantConv2d(_WeightQuantized, nn.Conv2d):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
-        padding_mode: str = "zeros",
+        padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
@@ -361,9 +403,11 @@ class QuantConv2d(_WeightQuantized, nn.Conv2d):
         wq = weight_quantizer if weight_quantizer is not None else TensorQuantizer()
         self.weight_quantizer = wq.to(device=self.weight.device) if self.weight.device.type != "meta" else wq
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
 
+    @override
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_q={self.weight_quantizer.summary()}"
 
@@ -400,9 +444,11 @@ class QuantLinear(_WeightQuantized, nn.Linear):
         wq = weight_quantizer if weight_quantizer is not None else TensorQuantizer()
         self.weight_quantizer = wq.to(device=self.weight.device) if self.weight.device.type != "meta" else wq
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight_quantizer(self.weight), self.bias)
 
+    @override
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_q={self.weight_quantizer.summary()}"
 
@@ -426,6 +472,11 @@ class QuantLinear(_WeightQuantized, nn.Linear):
 BIT_ALPHA: dict[int, float] = {
     1: 1.2221, 2: 0.6511, 3: 0.3534, 4: 0.1946, 5: 0.1055, 6: 0.0573, 7: 0.0309, 8: 0.0165,
 }
+
+
+#: statistic of a batch that max-calibration sets α from (:attr:`QuantAct.calibrating`)
+CalibStat = Literal["absmax", "max"]
+CALIB_STATS: tuple[CalibStat, ...] = get_args(CalibStat)
 
 
 class QuantAct(nn.Module):
@@ -484,18 +535,16 @@ class QuantAct(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        check_choice("bits", bits, sorted(BIT_ALPHA))
-        check_choice("mode", mode, MODES)
+        check_choice("bits", bits, ACT_BITS)
+        check_choice("mode", mode, ACT_MODES)
         check_choice("x_rule", x_rule, X_RULES)
         check_choice("alpha_rule", alpha_rule, ALPHA_RULES)
-        check_choice("calib_stat", calib_stat, ("absmax", "max"))
+        check_choice("calib_stat", calib_stat, CALIB_STATS)
         if not 0 < alpha_min < alpha_max:
             raise ValueError(f"need 0 < alpha_min < alpha_max, got alpha_min={alpha_min!r}, alpha_max={alpha_max!r}")
-        if not rate_factor >= 0:
-            raise ValueError(f"rate_factor={rate_factor!r} must be >= 0")
+        check_that(rate_factor >= 0, "rate_factor", rate_factor, "must be >= 0")
         a0 = BIT_ALPHA[bits] if alpha_init is None else float(alpha_init)
-        if not a0 > 0:
-            raise ValueError(f"alpha_init={alpha_init!r} must be > 0")
+        check_that(a0 > 0, "alpha_init", alpha_init, "must be > 0")
         self.bits = int(bits)
         self.mode = mode
         self.x_rule = x_rule
@@ -561,6 +610,7 @@ class QuantAct(nn.Module):
             self._resolution_key = key
         return self._resolution
 
+    @override
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> QuantAct:
         old_dtype = self.rate_factor.dtype
         super()._apply(fn, *args, **kwargs)
@@ -575,10 +625,12 @@ class QuantAct(nn.Module):
                     rf.fill_(self._rate_factor_value)
         return self
 
+    @override
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._resolution = None
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         if self.calibrating and self.training:
             # alpha <- stat(x)/L in place, then used with an exactly-zero gradient (not None: DDP sees alpha used)
@@ -589,6 +641,7 @@ class QuantAct(nn.Module):
             not self.calibrating,
         )
 
+    @override
     def extra_repr(self) -> str:
         return (
             f"bits={self.bits}, mode={self.mode!r}, x_rule={self.x_rule!r}, alpha_rule={self.alpha_rule!r}, "
@@ -604,13 +657,13 @@ class _InclusiveHardtanh(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, lo: float, hi: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, lo: float, hi: float) -> Tensor:
         ctx.save_for_backward(x)
         ctx.bounds = (lo, hi)
         return F.hardtanh(x, lo, hi)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         (x,) = ctx.saved_tensors
         lo, hi = ctx.bounds
         outside = x.abs() > hi if lo == -hi else (x < lo) | (x > hi)
@@ -639,9 +692,11 @@ class QuantHardtanh(nn.Hardtanh):
         super().__init__(min_val, max_val, inplace)
         self.act_quantizer = act_quantizer if act_quantizer is not None else TensorQuantizer("sign")
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.act_quantizer(_InclusiveHardtanh.apply(x, float(self.min_val), float(self.max_val)))
 
+    @override
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act_q={self.act_quantizer.summary()}"
 

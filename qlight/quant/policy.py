@@ -16,14 +16,15 @@ set the scheduled knobs that callbacks drive (``mix``, α calibration).
 """
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor, nn
 
-from .estimators import ALPHA_RULES, X_RULES, build_estimator, list_estimators
+from .checks import Arg, ChoiceError, QuantArgError, check_choice
+from .functional import ActMode
 from .layers import (
     QUANTIZERS,
     QuantAct,
@@ -31,12 +32,18 @@ from .layers import (
     QuantHardtanh,
     QuantLinear,
     TensorQuantizer,
-    validate_quantizer,
 )
+from .quant_relu import AlphaRule, XRule
 
 __all__ = [
-    "LAYER_CHOICES",
+    "ACT_KINDS",
+    "ALPHA_INIT_CHOICES",
+    "LAYER_ROLES",
+    "QUANTIZER_ROLES",
+    "ActKind",
+    "LayerRole",
     "QuantSpec",
+    "QuantizerRole",
     "clamp_alphas_",
     "iter_quant_modules",
     "param_groups",
@@ -49,17 +56,54 @@ __all__ = [
     "tensor_quantizers",
 ]
 
-ACT_CHOICES = ("relu_quant", "hardtanh_quant", "float")
-LAYER_CHOICES = ("quantized", "float", "8bit")
-ALPHA_INIT_CHOICES = ("table", "calibrate", "checkpoint")
-#: quantizers allowed for ``hardtanh_quant`` activations (unscaled, AQE.md §1.2), default by bits
-A_QUANTIZERS = ("sign", "ternary_unit", "pow2_unit")
-_SCALE_CHOICES = {"binary": ("mean", "median"), "ternary": ("code", "twn"), "pow2": ("ls", "max")}
-_THRESHOLD_KWARG = {"ternary": "threshold", "ternary_unit": "delta"}
+#: what replaces the activations: ``relu_quant`` (BCGD's QuantAct), ``hardtanh_quant`` (AQE's input
+#: quantizer) or nothing (``float``)
+ActKind = Literal["relu_quant", "hardtanh_quant", "float"]
+ACT_KINDS: tuple[ActKind, ...] = get_args(ActKind)
+#: how the first and the last conv/linear layer are treated
+LayerRole = Literal["quantized", "float", "8bit"]
+LAYER_ROLES: tuple[LayerRole, ...] = get_args(LayerRole)
+#: the named ways of setting the initial α (besides a float)
+AlphaInit = Literal["table", "calibrate", "checkpoint"]
+ALPHA_INIT_CHOICES: tuple[AlphaInit, ...] = get_args(AlphaInit)
+#: which tensor quantizers :func:`tensor_quantizers` lists
+QuantizerRole = Literal["all", "weight", "act"]
+QUANTIZER_ROLES: tuple[QuantizerRole, ...] = get_args(QuantizerRole)
+
+#: the QuantSpec field each layer argument comes from, so the layers' errors name the field
+_WEIGHT_FIELDS = {
+    "quantizer": "weight", "bits": "w_bits", "scale": "w_scale", "threshold": "w_threshold",
+    "delta": "w_threshold", "estimator": "w_estimator", "estimator_kwargs": "w_estimator_kwargs",
+}
+_RELU_FIELDS = {"bits": "a_bits", "mode": "a_mode"}
+_HARDTANH_FIELDS = {
+    "quantizer": "a_quantizer", "bits": "a_bits", "estimator": "a_estimator", "estimator_kwargs": "a_estimator_kwargs",
+}
+#: the quantizer keyword argument ``w_threshold`` sets, by the name the quantizer takes it under
+_THRESHOLD_KWARGS = ("threshold", "delta")
+
+T = TypeVar("T")
 
 
-def _bad(name: str, value: Any, valid: Any, why: str = "is not supported") -> ValueError:
-    return ValueError(f"QuantSpec.{name}={value!r} {why}; valid: {valid}")
+def _threshold_kwarg(quantizer: str) -> str | None:
+    return next((k for k in _THRESHOLD_KWARGS if k in QUANTIZERS[quantizer].kwargs), None)
+
+
+def _as_fields(
+    build: Callable[[], T], fields: Mapping[str, str], context: Mapping[str, tuple[str, Any]] | None = None
+) -> T:
+    """``build()``, with the errors of the layers' own checks named after the QuantSpec fields they came from.
+
+    ``context`` adds ``by <field>=<value>`` to a rejected choice of the given argument, where the choices depend
+    on a field the layer does not know (the activation bits depend on ``act``).
+    """
+    try:
+        return build()
+    except QuantArgError as err:
+        if isinstance(err, ChoiceError) and context and err.arg in context:
+            err = err.within(*context[err.arg])
+        error = err.renamed(fields, prefix="QuantSpec.")
+    raise error  # outside the except clause, so the QuantSpec error is the whole story
 
 
 @dataclass
@@ -108,105 +152,75 @@ class QuantSpec:
     per_channel: bool = False
     w_estimator: str = "ste"
     w_estimator_kwargs: dict[str, Any] = field(default_factory=dict)
-    act: Literal["relu_quant", "hardtanh_quant", "float"] = "relu_quant"
+    act: ActKind = "relu_quant"
     a_bits: int = 4
     a_quantizer: str | None = None
     a_estimator: str = "ste"
     a_estimator_kwargs: dict[str, Any] = field(default_factory=dict)
-    a_mode: Literal["ceil", "round"] = "ceil"
-    x_rule: Literal["identity", "relu", "clipped"] = "clipped"
-    alpha_rule: Literal["ae", "mean", "min", "pact"] = "mean"
+    a_mode: ActMode = "ceil"
+    x_rule: XRule = "clipped"
+    alpha_rule: AlphaRule = "mean"
     rate_factor: float = 0.01
     alpha_init: float | str = "table"
-    first_layer: Literal["quantized", "float", "8bit"] = "quantized"
-    last_layer: Literal["quantized", "float", "8bit"] = "float"
+    first_layer: LayerRole = "quantized"
+    last_layer: LayerRole = "float"
 
     def __post_init__(self) -> None:
+        """Check the fields by building the layers they describe (one validation path: the layers' own)."""
         self._validate_weights()
         self._validate_acts()
         for name in ("first_layer", "last_layer"):
-            v = getattr(self, name)
-            if v not in LAYER_CHOICES:
-                raise _bad(name, v, list(LAYER_CHOICES))
+            check_choice(f"QuantSpec.{name}", getattr(self, name), LAYER_ROLES)
 
     # ---------------------------------------------------------------------------------------------------
     def _validate_weights(self) -> None:
-        valid_w = sorted(QUANTIZERS) + ["float"]
-        if self.weight not in valid_w:
-            raise _bad("weight", self.weight, valid_w)
+        check_choice("QuantSpec.weight", self.weight, [*sorted(QUANTIZERS), "float"])
         if self.weight == "float":
             return
-        d = QUANTIZERS[self.weight]
-        if self.w_bits is not None and self.w_bits not in d.bits:
-            raise _bad("w_bits", self.w_bits, list(d.bits), f"is not supported by weight={self.weight!r}")
-        if self.w_scale is not None:
-            valid = _SCALE_CHOICES.get(self.weight, ())
-            if self.w_scale not in valid:
-                raise _bad("w_scale", self.w_scale, list(valid), f"is not supported by weight={self.weight!r}")
-        if self.w_threshold is not None:
-            if self.weight not in _THRESHOLD_KWARG:
-                raise _bad(
-                    "w_threshold", self.w_threshold, f"None (only {sorted(_THRESHOLD_KWARG)} take a threshold)",
-                    f"is not used by weight={self.weight!r}",
-                )
-            if not self.w_threshold > 0:
-                raise _bad("w_threshold", self.w_threshold, "a positive float", "must be > 0")
-        if self.per_channel and not d.per_channel:
-            raise _bad(
-                "per_channel", True, f"False, or a scaled weight quantizer "
-                f"{sorted(k for k, v in QUANTIZERS.items() if v.per_channel)}",
-                f"is not supported by weight={self.weight!r}",
-            )
-        if self.w_estimator not in list_estimators():
-            raise _bad("w_estimator", self.w_estimator, list_estimators())
-        try:
-            build_estimator(self.w_estimator, **self.w_estimator_kwargs)
-        except ValueError as err:
-            raise ValueError(f"QuantSpec.w_estimator_kwargs={self.w_estimator_kwargs!r}: {err}") from err
+        takes = QUANTIZERS[self.weight].kwargs
+        if self.w_scale is not None and "scale" not in takes:
+            self._not_used("w_scale", self.w_scale, "a scale", lambda q: "scale" in QUANTIZERS[q].kwargs)
+        if self.w_threshold is not None and _threshold_kwarg(self.weight) is None:
+            self._not_used("w_threshold", self.w_threshold, "a threshold", lambda q: _threshold_kwarg(q) is not None)
+        _as_fields(self.weight_quantizer, _WEIGHT_FIELDS)
+
+    def _not_used(self, name: str, value: Any, what: str, takes: Callable[[str], bool]) -> None:
+        takers = sorted(q for q in QUANTIZERS if takes(q))
+        raise QuantArgError(
+            Arg(f"QuantSpec.{name}"), f"={value!r} is not used by ", Arg("weight"),
+            f"={self.weight!r}; valid: None (only {takers} take {what})",
+        )
 
     def _validate_acts(self) -> None:
-        if self.act not in ACT_CHOICES:
-            raise _bad("act", self.act, list(ACT_CHOICES))
-        if self.act == "float":
-            return
+        check_choice("QuantSpec.act", self.act, ACT_KINDS)
         if self.act == "relu_quant":
-            if self.a_bits not in range(1, 9):
-                raise _bad("a_bits", self.a_bits, list(range(1, 9)), "is not supported by act='relu_quant'")
             if self.a_quantizer is not None:
-                raise _bad("a_quantizer", self.a_quantizer, "None", "is only used by act='hardtanh_quant'")
-            for name, valid in (("a_mode", ("ceil", "round")), ("x_rule", X_RULES), ("alpha_rule", ALPHA_RULES)):
-                if getattr(self, name) not in valid:
-                    raise _bad(name, getattr(self, name), list(valid))
-            if not self.rate_factor >= 0:
-                raise _bad("rate_factor", self.rate_factor, "a float >= 0", "must be >= 0")
+                raise QuantArgError(
+                    Arg("QuantSpec.a_quantizer"), f"={self.a_quantizer!r} is only used by ", Arg("act"),
+                    "='hardtanh_quant'; valid: None",
+                )
             self._validate_alpha_init()
-            return
-        # hardtanh_quant
-        if self.a_quantizer is not None and self.a_quantizer not in A_QUANTIZERS:
-            raise _bad("a_quantizer", self.a_quantizer, list(A_QUANTIZERS), "is not supported by act='hardtanh_quant'")
-        aq = self.act_quantizer_name
-        valid_bits = list(QUANTIZERS[aq].bits)
-        if self.a_bits not in valid_bits:
-            raise _bad("a_bits", self.a_bits, valid_bits, f"is not supported by a_quantizer={aq!r}")
-        if self.a_estimator not in list_estimators():
-            raise _bad("a_estimator", self.a_estimator, list_estimators())
-        try:
-            build_estimator(self.a_estimator, **self.a_estimator_kwargs)
-        except ValueError as err:
-            raise ValueError(f"QuantSpec.a_estimator_kwargs={self.a_estimator_kwargs!r}: {err}") from err
+            _as_fields(self.quant_act, _RELU_FIELDS, {"bits": ("act", "relu_quant")})
+        elif self.act == "hardtanh_quant":
+            if self.a_quantizer is not None:  # the input quantizers map onto fixed levels: no scale
+                unscaled = [q for q, d in QUANTIZERS.items() if not d.scaled]
+                check_choice("QuantSpec.a_quantizer", self.a_quantizer, unscaled, by=("act", "hardtanh_quant"))
+            _as_fields(self.act_quantizer, _HARDTANH_FIELDS)
 
     def _validate_alpha_init(self) -> None:
-        v = self.alpha_init
+        v: float | str | None = self.alpha_init
+        if isinstance(v, str) and v in ALPHA_INIT_CHOICES:
+            return
         if isinstance(v, str):
-            if v in ALPHA_INIT_CHOICES:
-                return
             try:
                 v = float(v)
             except ValueError:
-                raise _bad("alpha_init", self.alpha_init, f"{list(ALPHA_INIT_CHOICES)} or a float > 0") from None
-            self.alpha_init = v
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise _bad("alpha_init", self.alpha_init, f"{list(ALPHA_INIT_CHOICES)} or a float > 0")
+                v = None  # reported below, outside the except clause
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+            raise QuantArgError(
+                Arg("QuantSpec.alpha_init"),
+                f"={self.alpha_init!r} is not supported; valid: {list(ALPHA_INIT_CHOICES)} or a float > 0",
+            )
         self.alpha_init = float(v)
 
     # ---------------------------------------------------------------------------------------------------
@@ -237,9 +251,9 @@ class QuantSpec:
         kwargs: dict[str, Any] = {}
         if self.w_scale is not None:
             kwargs["scale"] = self.w_scale
-        if self.w_threshold is not None:
-            kwargs[_THRESHOLD_KWARG[self.weight]] = self.w_threshold
-        validate_quantizer(self.weight, self.weight_bits, self.per_channel, kwargs, prefix="QuantSpec.w_")
+        threshold = _threshold_kwarg(self.weight)
+        if self.w_threshold is not None and threshold is not None:
+            kwargs[threshold] = self.w_threshold
         return TensorQuantizer(
             self.weight, self.weight_bits, per_channel=self.per_channel, quantizer_kwargs=kwargs,
             estimator=self.w_estimator, estimator_kwargs=self.w_estimator_kwargs,
@@ -294,8 +308,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
         new: nn.Module | None = None
         if id(m) in roles:
             wq = spec.weight_quantizer(roles[id(m)])
-            if wq is not None:
-                new = (QuantConv2d if type(m) is nn.Conv2d else QuantLinear).from_float(m, wq)  # type: ignore[attr-defined]
+            if wq is not None and isinstance(m, nn.Conv2d):
+                new = QuantConv2d.from_float(m, wq)
+            elif wq is not None and isinstance(m, nn.Linear):
+                new = QuantLinear.from_float(m, wq)
         elif type(m) is nn.ReLU and spec.act == "relu_quant":
             new = spec.quant_act(device)
             new.train(m.training)
@@ -327,13 +343,13 @@ def quant_acts(model: nn.Module) -> list[tuple[str, QuantAct]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantAct)]
 
 
-def tensor_quantizers(
-    model: nn.Module, role: Literal["all", "weight", "act"] = "all"
-) -> list[tuple[str, TensorQuantizer]]:
-    """``(name, quantizer)`` for every :class:`TensorQuantizer`; ``role="weight"`` keeps those of quantized
-    conv/linear kernels, ``role="act"`` the others (e.g. :class:`QuantHardtanh` input quantizers)."""
-    if role not in ("all", "weight", "act"):
-        raise ValueError(f"role={role!r} is not supported; valid: ['all', 'weight', 'act']")
+def tensor_quantizers(model: nn.Module, role: QuantizerRole = "all") -> list[tuple[str, TensorQuantizer]]:
+    """``(name, quantizer)`` for every :class:`TensorQuantizer`, of the given ``role``.
+
+    ``role="weight"`` keeps those of quantized conv/linear kernels, ``role="act"`` the others (e.g.
+    :class:`QuantHardtanh` input quantizers).
+    """
+    check_choice("role", role, QUANTIZER_ROLES)
     weight_ids = {id(m.weight_quantizer) for _, m in quant_layers(model)}
     out = []
     for n, m in model.named_modules():
@@ -345,7 +361,7 @@ def tensor_quantizers(
 
 
 @torch.no_grad()
-def set_mix(model: nn.Module, value: float | Tensor, role: Literal["all", "weight", "act"] = "all") -> None:
+def set_mix(model: nn.Module, value: float | Tensor, role: QuantizerRole = "all") -> None:
     """In place ``mix ← value`` on the selected TensorQuantizers (BinaryRelax η/(1+η), AQE α). No host sync."""
     for _, q in tensor_quantizers(model, role):
         if isinstance(value, Tensor):
@@ -354,10 +370,14 @@ def set_mix(model: nn.Module, value: float | Tensor, role: Literal["all", "weigh
             q.set_mix(float(value))
 
 
-def set_calibrating(model: nn.Module, flag: bool) -> None:
-    """Switch max-calibration of every :class:`QuantAct` on or off (``QuantAct.calibrating``)."""
-    for _, m in quant_acts(model):
-        m.calibrating = bool(flag)
+def set_calibrating(model: nn.Module | list[QuantAct], flag: bool) -> None:
+    """Switch max-calibration of every :class:`QuantAct` on or off (``QuantAct.calibrating``).
+
+    ``model`` may also be the list of QuantActs (as the task keeps it, to skip the module walk).
+    """
+    acts = model if isinstance(model, list) else [m for _, m in quant_acts(model)]
+    for act in acts:
+        act.calibrating = bool(flag)
 
 
 @torch.no_grad()

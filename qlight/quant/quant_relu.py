@@ -22,18 +22,20 @@ with ``a = alpha.item()``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from .functional import _fp, act_bounds, act_levels, act_regions, check_choice, level_index, level_rows
+from .checks import check_choice
+from .functional import ACT_BITS, ACT_MODES, _fp, act_bounds, act_levels, act_regions, level_index, level_rows
 
 __all__ = [
     "ALPHA_RULES",
-    "MODES",
     "X_RULES",
+    "AlphaRule",
     "QuantReLUFunction",
+    "XRule",
     "alpha_grad_factor",
     "quant_relu",
     "quant_relu_table",
@@ -41,11 +43,11 @@ __all__ = [
 ]
 
 #: coarse derivative of the quantized ReLU with respect to x ("bfun" in the authors' code)
-X_RULES = ("identity", "relu", "clipped")
+XRule = Literal["identity", "relu", "clipped"]
+X_RULES: tuple[XRule, ...] = get_args(XRule)
 #: partial derivative with respect to the resolution alpha ("gd_type" in the authors' code)
-ALPHA_RULES = ("ae", "mean", "min", "pact")
-#: rounding of x/α inside the staircase
-MODES = ("ceil", "round")
+AlphaRule = Literal["ae", "mean", "min", "pact"]
+ALPHA_RULES: tuple[AlphaRule, ...] = get_args(AlphaRule)
 
 # regions: 0: x ≤ 0 | 1: 0 < x ≤ (L−1)α | 2: (L−1)α < x ≤ Lα | 3: x > Lα
 _X_MASKS = {"identity": [1, 1, 1, 1], "relu": [0, 1, 1, 1], "clipped": [0, 1, 1, 0]}
@@ -62,7 +64,7 @@ def quant_relu_table(bits: int, mode: str, x_rule: str, alpha_rule: str) -> list
 
     ``D`` of ``ae`` is the level index, not a constant: its row is unused (zeros).
     """
-    check_choice("mode", mode, MODES)
+    check_choice("mode", mode, ACT_MODES)
     check_choice("x_rule", x_rule, X_RULES)
     check_choice("alpha_rule", alpha_rule, ALPHA_RULES)
     low, high = ([int(v) for v in row] for row in level_rows(bits, mode))
@@ -111,7 +113,7 @@ class QuantReLUFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         alpha: Tensor,
@@ -123,6 +125,7 @@ class QuantReLUFunction(torch.autograd.Function):
         level_is_factor: bool,
         alpha_grad: bool,
     ) -> Tensor:
+        """``σ(x; α)``; saves the per-element table rows the backward needs."""
         xf = _fp(x)
         rows = table[:, act_regions(xf, bounds)]
         k = level_index(xf, a, rows, mode)
@@ -134,7 +137,8 @@ class QuantReLUFunction(torch.autograd.Function):
         return (k * a).to(x.dtype)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        """``∂L/∂x = g·M`` and ``∂L/∂α = clamp(r·Σ g·D, −1, 1)`` from the saved rows."""
         rows, k, rate_factor = ctx.saved_tensors
         gf = _fp(g)
         need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -181,7 +185,7 @@ def quant_relu(
     :class:`~qlight.quant.layers.QuantAct` calls :class:`QuantReLUFunction` directly with its cached resolution,
     bounds and table; this function builds them per call.
     """
-    check_choice("bits", bits, tuple(range(1, 9)))
+    check_choice("bits", bits, ACT_BITS)
     table = _table(bits, mode, x_rule, alpha_rule, x.device)
     xf_dtype = _fp(x).dtype
     with torch.no_grad():

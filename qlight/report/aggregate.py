@@ -87,13 +87,16 @@ class RunResult:
 
     @property
     def cell(self) -> str:
+        """The run's cell as text (its config's, else the hint from the folder)."""
         return str(self.key) if self.key is not None else (self.cell_hint or "?")
 
     def value(self, mode: str) -> float | None:
+        """The run's best or final accuracy (``mode``: ``best`` | ``final``)."""
         return self.best if mode == "best" else self.final
 
     @classmethod
     def from_folder(cls, run: RunFolder, metric: str) -> RunResult:
+        """The result of a run folder, read from its ``metric`` curve."""
         curve = run.series(metric)
         epochs = run.completed_epochs
         knobs = {c: s for c in run.columns if c.startswith(KNOB_PREFIXES) and (s := run.series(c))}
@@ -170,9 +173,11 @@ class Cell:
 
     @property
     def left_out(self) -> list[RunResult]:
+        """Runs not counted: unfinished or excluded."""
         return [r for r in self.runs if not r.state.finished or r.excluded]
 
     def values(self, mode: str) -> list[float]:
+        """The counted runs' best or final accuracies."""
         return [v for r in self.used if (v := r.value(mode)) is not None]
 
     def stats(self, mode: str) -> tuple[float | None, float | None, int]:
@@ -184,6 +189,7 @@ class Cell:
         return statistics.fmean(values), std, len(values)
 
     def delta(self, mode: str) -> float | None:
+        """Mean accuracy minus the paper's, in percentage points (None without both)."""
         mean, _, _ = self.stats(mode)
         if mean is None or self.reference is None:
             return None
@@ -191,11 +197,13 @@ class Cell:
 
     @property
     def mean_epochs(self) -> float | None:
+        """Mean number of epochs of the counted runs."""
         used = self.used
         return statistics.fmean(r.epochs for r in used) if used else None
 
     @property
     def mean_wall_seconds(self) -> float | None:
+        """Mean wall-clock time of the counted runs that recorded it."""
         walls = [r.wall_seconds for r in self.used if r.wall_seconds is not None]
         return statistics.fmean(walls) if walls else None
 
@@ -213,6 +221,7 @@ class Cell:
 
     @property
     def sort_key(self) -> tuple[Any, ...]:
+        """Table order: dataset, architecture, bits (wide first), method."""
         method = _METHOD_ORDER.index(self.key.method) if self.key.method in _METHOD_ORDER else len(_METHOD_ORDER)
         return (self.key.dataset, self.key.arch, -self.key.w_bits, -self.key.a_bits, method,
                 self.key.method, self.variant)
@@ -228,6 +237,7 @@ class Report:
 
     @property
     def left_out(self) -> list[RunResult]:
+        """Runs not counted: unfinished or excluded."""
         return [r for c in self.cells for r in c.left_out] + self.orphans
 
 

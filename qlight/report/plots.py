@@ -1,19 +1,28 @@
-"""PNG plots of a report: accuracy vs epoch per method (mean of the seeds, min–max band) and the method
-knobs (ρ, η, AQE α, EDE t) vs epoch, one figure per (dataset, architecture). Only runs in the averages
-are drawn."""
+"""PNG plots of a report, one figure per (dataset, architecture).
+
+Accuracy vs epoch per method (mean of the seeds, min–max band) and the method knobs (ρ, η, AQE α, EDE t)
+vs epoch. Only runs in the averages are drawn.
+"""
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from qlight.report.aggregate import Cell, Report
+
+if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.ticker import MaxNLocator
+    from matplotlib.typing import ColorType
 
 __all__ = ["write_plots"]
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed (clusters, CI)
@@ -22,7 +31,7 @@ def _pyplot():
     return plt
 
 
-def _integer_locator():
+def _integer_locator() -> MaxNLocator:
     from matplotlib.ticker import MaxNLocator
 
     return MaxNLocator(integer=True)
@@ -58,7 +67,9 @@ def _by_model(report: Report) -> dict[tuple[str, str], list[Cell]]:
     return groups
 
 
-def _draw(ax, series: list[dict[int, float]], label: str, scale: float = 1.0) -> tuple[str | None, list[float]]:
+def _draw(
+    ax: Axes, series: list[dict[int, float]], label: str, scale: float = 1.0
+) -> tuple[ColorType | None, list[float]]:
     """Mean line and min–max band of ``series`` (error bars for a single epoch); returns (colour, values)."""
     epochs, mean, low, high = _band(series, scale)
     if not epochs:
@@ -71,7 +82,7 @@ def _draw(ax, series: list[dict[int, float]], label: str, scale: float = 1.0) ->
     return line.get_color(), low + high
 
 
-def _epoch_axis(ax, cells: list[Cell]) -> None:
+def _epoch_axis(ax: Axes, cells: list[Cell]) -> None:
     """Whole epochs on the x axis, with room around a single one."""
     epochs = [e for c in cells for r in c.used for e in (*r.curve, *(e for k in r.knobs.values() for e in k))]
     ax.xaxis.set_major_locator(_integer_locator())
@@ -80,7 +91,7 @@ def _epoch_axis(ax, cells: list[Cell]) -> None:
         ax.set_xticks(range(min(epochs), max(epochs) + 1))
 
 
-def _accuracy_plot(plt, cells: list[Cell], metric: str, title: str, path: Path) -> None:
+def _accuracy_plot(plt: ModuleType, cells: list[Cell], metric: str, title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for cell in cells:
         color, _ = _draw(ax, [r.curve for r in cell.used], f"{_label(cell)} (n={len(cell.used)})", scale=100.0)
@@ -97,7 +108,7 @@ def _accuracy_plot(plt, cells: list[Cell], metric: str, title: str, path: Path) 
     plt.close(fig)
 
 
-def _knob_plot(plt, cells: list[Cell], knobs: list[str], title: str, path: Path) -> None:
+def _knob_plot(plt: ModuleType, cells: list[Cell], knobs: list[str], title: str, path: Path) -> None:
     fig, axes = plt.subplots(len(knobs), 1, figsize=(7, 2.6 * len(knobs)), squeeze=False)
     for ax, knob in zip(axes[:, 0], knobs, strict=True):
         values: list[float] = []

@@ -1,5 +1,8 @@
-"""The report as a markdown table (printed and ``report.md``), ``report.csv`` (one row per cell) and
-``report.json`` (cells with their runs, and the runs left out)."""
+"""The report as tables.
+
+A markdown table (printed and ``report.md``), ``report.csv`` (one row per cell) and ``report.json`` (cells
+with their runs, and the runs left out).
+"""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ def _signed(value: float | None) -> str:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return ""
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
@@ -119,13 +122,13 @@ def markdown(report: Report, mode: str) -> str:
     if left_out:
         out += "\nRuns not in the averages:\n\n| run | cell | seed | state | best so far | detail |\n|---|---|---|---|---|---|\n"
         for run in left_out:
-            cell = run.cell
+            cell_name = run.cell
             best = "" if run.best is None else f"{100 * run.best:.2f} (epoch {run.best_epoch})"
             state = "duplicate seed" if run.excluded else run.state.state
             detail = run.excluded or run.state.detail
             seed = "" if run.seed is None else str(run.seed)
             where = f"{run.folder}" if run.folder else run.run_id
-            out += f"| {where} | {cell} | {seed} | {state} | {best} | {detail.replace('|', '/')} |\n"
+            out += f"| {where} | {cell_name} | {seed} | {state} | {best} | {detail.replace('|', '/')} |\n"
     return out
 
 

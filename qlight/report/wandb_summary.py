@@ -10,7 +10,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from qlight.report.aggregate import Report
 from qlight.report.tables import cell_rows
@@ -32,12 +32,16 @@ def runs_project(report: Report, default: str = "qlight") -> str:
     return projects.most_common(1)[0][0] if projects else default
 
 
-def _mode() -> str:
+def _mode() -> Literal["online", "offline", "disabled"]:
     from qlight.loggers import wandb_logged_in
 
     env = os.environ.get("WANDB_MODE")
-    if env in ("offline", "dryrun", "disabled", "online"):
-        return "offline" if env == "dryrun" else env
+    if env in ("offline", "dryrun"):
+        return "offline"
+    if env == "disabled":
+        return "disabled"
+    if env == "online":
+        return "online"
     return "online" if wandb_logged_in() else "offline"
 
 

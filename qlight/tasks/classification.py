@@ -9,7 +9,7 @@ such as BCGD and AQE live in callbacks that only schedule and blend.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -18,32 +18,57 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
+from qlight._lightning_compat import step_logging_due, step_values_written
 from qlight.checkpoints import read_checkpoint
 from qlight.models import build_model
 from qlight.models.resnet_cifar import ShortcutA
-from qlight.quant import QuantAct, QuantSpec, TensorQuantizer, clamp_alphas_, param_groups, quantize_model
-from qlight.tasks.logging import step_logging_due, step_values_written
-from qlight.tasks.loss_window import LossWindow
+from qlight.quant import (
+    QuantAct,
+    QuantSpec,
+    TensorQuantizer,
+    clamp_alphas_,
+    param_groups,
+    quant_acts,
+    quantize_model,
+    set_calibrating,
+)
 from qlight.tasks.optim import fast_kernels, merge_groups, relayout_checkpoint
+from qlight.tasks.train_stats import NonFiniteLossError, TrainingStats
+
+__all__ = ["COMPILE_MODES", "SCHEDULER_INTERVALS", "ImageClassifier", "NonFiniteLossError"]
 
 # The hyper-parameters hold a QuantSpec; resuming (`ckpt_path`) and `load_from_checkpoint` unpickle
 # with weights_only=True (torch >= 2.6), which refuses classes that are not allow-listed.
 torch.serialization.add_safe_globals([QuantSpec])
 
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised when the training loss became NaN or infinite."""
-
-
 #: torch.compile modes (None: the default); the ones with CUDA graphs need a step marker per training step
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+#: when the LR scheduler steps: every epoch or every optimizer step
+SchedulerInterval = Literal["epoch", "step"]
+SCHEDULER_INTERVALS: tuple[SchedulerInterval, ...] = get_args(SchedulerInterval)
 
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     """SGD(lr=0.1, momentum=0.9, wd=1e-4): the usual CIFAR recipe when a config names none."""
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+def _check_arguments(
+    label_smoothing: float, scheduler_interval: str, compile_mode: str | None, compile_backend: str
+) -> None:
+    """The task's own arguments (the model, the spec and the factories check theirs)."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 1)")
+    if scheduler_interval not in SCHEDULER_INTERVALS:
+        raise ValueError(f"scheduler_interval={scheduler_interval!r}; valid: {list(SCHEDULER_INTERVALS)}")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode={compile_mode!r} is not a torch.compile mode; valid: {list(COMPILE_MODES)}")
+    backends = sorted(torch._dynamo.list_backends(exclude_tags=()))
+    if compile_backend not in backends:
+        raise ValueError(f"compile_backend={compile_backend!r} is not a torch.compile backend; valid: {backends}")
 
 
 class ImageClassifier(LightningModule):
@@ -87,7 +112,7 @@ class ImageClassifier(LightningModule):
         quant: QuantSpec | None = None,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scheduler_interval: SchedulerInterval = "epoch",
         label_smoothing: float = 0.0,
         init_from: str | None = None,
         alpha_lr_factor: float = 1.0,
@@ -102,17 +127,18 @@ class ImageClassifier(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 1)")
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"scheduler_interval={scheduler_interval!r}; valid: ['epoch', 'step']")
-        if compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode={compile_mode!r} is not a torch.compile mode; valid: {list(COMPILE_MODES)}")
-        backends = sorted(torch._dynamo.list_backends(exclude_tags=()))
-        if compile_backend not in backends:
-            raise ValueError(f"compile_backend={compile_backend!r} is not a torch.compile backend; valid: {backends}")
+        _check_arguments(label_smoothing, scheduler_interval, compile_mode, compile_backend)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        self._build_network(model, model_kwargs, num_classes, quant, channels_last)
+        self._build_calibration(alpha_calibration_steps, alpha_stage_epochs, init_from)
+        self._build_metrics(num_classes)
+
+    def _build_network(
+        self, model: str, model_kwargs: dict[str, Any] | None, num_classes: int, quant: QuantSpec | None,
+        channels_last: bool,
+    ) -> None:
+        """The architecture, quantized as ``quant`` says (the structure lives here, not in callbacks)."""
         self.model = build_model(model, num_classes=num_classes, **(model_kwargs or {}))
         # option-A shortcuts: record the placement in the hyper-parameters, so checkpoints say which they use
         # (checkpoints without it were trained with the earlier symmetric one: see on_load_checkpoint)
@@ -123,46 +149,45 @@ class ImageClassifier(LightningModule):
         self.quant_spec = QuantSpec(**quant) if isinstance(quant, dict) else quant
         if self.quant_spec is not None:
             quantize_model(self.model, self.quant_spec)
-        self.quant_acts = [m for m in self.model.modules() if isinstance(m, QuantAct)]
-        if (alpha_calibration_steps or alpha_stage_epochs) and not self.quant_acts:
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def _build_calibration(self, calibration_steps: int, stage_epochs: int, init_from: str | None) -> None:
+        """When the activation resolutions α are max-calibrated instead of learned."""
+        self.quant_acts = [m for _, m in quant_acts(self.model)]
+        if (calibration_steps or stage_epochs) and not self.quant_acts:
             raise ValueError(
                 "alpha_calibration_steps/alpha_stage_epochs need quantized activations "
                 "(quant.act='relu_quant'); this model has none"
             )
         # quant.alpha_init='calibrate' means max-calibration on at least the first step
-        self.calibration_steps = alpha_calibration_steps
+        self.calibration_steps = calibration_steps
         if self.quant_spec is not None and self.quant_spec.alpha_init == "calibrate":
-            self.calibration_steps = max(1, alpha_calibration_steps)
+            self.calibration_steps = max(1, calibration_steps)
         if self.quant_spec is not None and self.quant_spec.alpha_init == "checkpoint" and not init_from:
             raise ValueError("quant.alpha_init='checkpoint' needs model.init_from (the checkpoint holding alpha)")
         self._calibrating: bool | None = None
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
 
-        top5 = min(5, num_classes)
+    def _build_metrics(self, num_classes: int) -> None:
+        """Validation and test accuracies (torchmetrics, synchronised over ranks) and the training step's stats."""
+        self.top_k = min(5, num_classes)
         metrics = MetricCollection(
             {
                 # validate_args=False: the checks call torch.unique on the targets, a host sync per step
                 "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False),
-                f"acc{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro", validate_args=False),
+                f"acc{self.top_k}": MulticlassAccuracy(
+                    num_classes, top_k=self.top_k, average="micro", validate_args=False
+                ),
             }
         )
-        # training accuracy as device-side hit counts per rank of the true class among the top k
-        # (hits[0]: top-1, hits.sum(): top-k), reduced over ranks at epoch end: four kernels per step,
-        # where a torchmetrics update per step costs more Python than a small CIFAR network's forward
-        self.top_k = top5
-        self.register_buffer("_train_hits", torch.zeros(top5, dtype=torch.long), persistent=False)
-        self._train_seen = 0
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        # train/loss is the mean over the steps since it was last logged, and a non-finite loss stops
-        # the run naming its step: both read from this device buffer only when the logs are written
-        self._train_losses = LossWindow()
-        # the epoch's last window when Lightning does not write that step (e.g. epochs shorter than
-        # log_every_n_steps): logged at epoch end
-        self._unwritten_loss: torch.Tensor | None = None
+        # train/loss (the mean since it was last written), the non-finite check and train/acc: read only when
+        # the logs are written (:mod:`qlight.tasks.train_stats`)
+        self.train_stats = TrainingStats(self.top_k)
 
     # ------------------------------------------------------------------ set-up
+    @override
     def configure_model(self) -> None:
         """Compile once the module sits on its device (idempotent)."""
         hp = self.hparams
@@ -171,6 +196,7 @@ class ImageClassifier(LightningModule):
             self.model.compile(mode=mode, backend=hp["compile_backend"])
             self._compiled = True
 
+    @override
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams["init_from"]:
             self.load_init_weights(self.hparams["init_from"])
@@ -236,6 +262,7 @@ class ImageClassifier(LightningModule):
     def _param_groups(self) -> list[dict[str, Any]]:
         return merge_groups(param_groups(self.model), self._group_overrides())
 
+    @override
     def configure_optimizers(self) -> Any:
         """Parameter groups only where hyper-parameters differ; fused (CUDA) or foreach kernels (:mod:`.optim`)."""
         hp = self.hparams
@@ -260,6 +287,7 @@ class ImageClassifier(LightningModule):
             shortcut.pad = pad
         self.hparams["model_kwargs"] = {**(self.hparams.get("model_kwargs") or {}), "shortcut_pad": pad}
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild what the checkpoint was trained with, and fit its optimizer state to today's groups.
 
@@ -276,17 +304,18 @@ class ImageClassifier(LightningModule):
         relayout_checkpoint(checkpoint, layout, sizes, owner=type(self).__name__)
 
     # ------------------------------------------------------------------ steps
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, target, label_smoothing=self.hparams["label_smoothing"])
 
+    @override
     def on_train_start(self) -> None:
-        self._train_losses.reset(self.global_step)
-        self._train_hits.zero_()
-        self._train_seen = 0
+        self.train_stats.start(self.global_step)
 
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         hp = self.hparams
         calibrate = self.global_step < self.calibration_steps or self.current_epoch < hp["alpha_stage_epochs"]
@@ -296,6 +325,7 @@ class ImageClassifier(LightningModule):
             # a new iteration for CUDA-graph trees: the previous step's graph outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
 
+    @override
     def on_validation_model_eval(self) -> None:
         # Max-calibration is a training rule: evaluating must neither fit alpha to validation batches
         # nor leave a validation-fitted alpha for the next training step (breaks exact resume).
@@ -303,8 +333,7 @@ class ImageClassifier(LightningModule):
         self._set_calibrating(False)
 
     def _set_calibrating(self, calibrate: bool) -> None:
-        for act in self.quant_acts:
-            act.calibrating = calibrate
+        set_calibrating(self.quant_acts, calibrate)
         self._calibrating = calibrate
 
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,36 +341,26 @@ class ImageClassifier(LightningModule):
         logits = self(x)
         return logits, self._loss(logits, y)
 
+    @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits, loss = self.forward_loss(x, y)
-        self._train_losses.record(loss)
-        with torch.no_grad():
-            self._train_hits.add_((logits.topk(self.top_k, dim=1).indices == y.unsqueeze(1)).sum(0))
-        self._train_seen += len(y)
+        self.train_stats.record(loss, logits, y)
         if step_logging_due(self.trainer, batch_idx):
             self._log_train_loss()
         return loss
 
     def _log_train_loss(self) -> None:
         """Log the window's mean loss (or stop on a non-finite one) and start the next window."""
-        window = self._train_losses
-        if window.count:
-            bad_step = window.first_nonfinite(self.trainer.accumulate_grad_batches)
-            if bad_step is not None:
-                precision = str(self.trainer.precision)
-                full = precision in ("32", "32-true", "64", "64-true")
-                raise NonFiniteLossError(
-                    f"training loss became non-finite at global step {bad_step} (epoch {self.current_epoch}); "
-                    "lower the learning rate or check the data"
-                    + ("" if full else f" (or train in full precision: the run uses precision={precision}; "
-                       "try --trainer.precision 32-true)")
-                )
-            mean_loss = window.mean()
+        stats = self.train_stats
+        if stats.losses.count:
+            trainer = self.trainer
+            mean_loss = stats.window_mean(trainer.accumulate_grad_batches, self.current_epoch, str(trainer.precision))
             self.log("train/loss", mean_loss, prog_bar=True)
-            self._unwritten_loss = None if step_values_written(self.trainer) else mean_loss
-        window.reset(self.global_step + 1)
+            stats.unwritten_loss = None if step_values_written(trainer) else mean_loss
+        stats.losses.reset(self.global_step + 1)
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # The authors clamp the stored alpha in place to [alpha_min, alpha_max] before every use. The
         # forward's clamp is straight-through, so without this a learned alpha drifts past it (even below
@@ -349,21 +368,24 @@ class ImageClassifier(LightningModule):
         if self.quant_acts:
             clamp_alphas_(self.quant_acts)
 
+    @override
     def on_train_epoch_end(self) -> None:
-        if self._unwritten_loss is not None:  # e.g. epochs shorter than log_every_n_steps
-            self.log("train/loss", self._unwritten_loss, prog_bar=True)
-            self._unwritten_loss = None
-        if self._train_seen:
-            seen = torch.tensor([self._train_seen], device=self._train_hits.device)
-            counts = self.trainer.strategy.reduce(torch.cat([self._train_hits, seen]), reduce_op="sum").double()
+        stats = self.train_stats
+        if stats.unwritten_loss is not None:  # e.g. epochs shorter than log_every_n_steps
+            self.log("train/loss", stats.unwritten_loss, prog_bar=True)
+            stats.unwritten_loss = None
+        counts = stats.epoch_counts()
+        if counts is not None:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum").double()
             top1, topk, seen = counts[0], counts[:-1].sum(), counts[-1]
             self.log_dict({"train/acc1": (top1 / seen).float(), f"train/acc{self.top_k}": (topk / seen).float()})
-        self._train_hits.zero_()
-        self._train_seen = 0
+        stats.reset_hits()
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics(self.val_metrics)
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics(self.test_metrics)
 
@@ -387,12 +409,15 @@ class ImageClassifier(LightningModule):
         self.log(f"{stage}/loss", self._loss(logits, y), sync_dist=True)
         metrics.update(logits, y)
 
+    @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_metrics)
 
+    @override
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test", self.test_metrics)
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, list | tuple) else batch
         return self(x).argmax(dim=1)

@@ -1,4 +1,4 @@
-"""Export: turn a quantization-aware model into the truly quantized one it stands for.
+"""Packing: the truly quantized weights a quantization-aware model stands for, frozen and bit-packed.
 
 During training a :class:`~qlight.quant.layers.QuantConv2d` keeps float *latent* weights and
 recomputes ``Q(w)`` every forward. For inference and storage only ``Q(w)`` matters, and it takes
@@ -33,17 +33,18 @@ _WIDTHS = (1, 2, 4, 8)
 def _frozen(layer: QuantConv2d | QuantLinear) -> nn.Module:
     """The plain twin of a weight-quantized layer with ``weight = Q(latent weight)``."""
     if isinstance(layer, QuantConv2d):
+        conv: Any = layer  # nn.Conv2d stores its sizes as tuple[int, ...], its constructor wants pairs
         plain: nn.Module = nn.Conv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,  # type: ignore[arg-type]
-            layer.dilation,
-            layer.groups,
-            layer.bias is not None,
-            layer.padding_mode,
-            device="meta",  # type: ignore[arg-type]
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device="meta",
         )
     else:
         plain = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
