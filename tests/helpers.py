@@ -270,3 +270,19 @@ def tiny_fit(data: list[tuple[Tensor, Tensor]], epochs: int, **task_kwargs: Any)
         return task, trainer
 
     return fit
+
+
+class CloseProcessGroup(Callback):
+    """Destroy the gloo process group when a DDP fit ends.
+
+    A spawned rank that exits with its process group still open can abort while the interpreter shuts down
+    (gloo's threads outlive it: "terminate called without an active exception"), failing a test that passed.
+    """
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Close the group after a barrier, so no rank leaves while another still talks to it."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

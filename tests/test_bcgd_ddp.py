@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import loader, make_task, make_trainer
+from helpers import CloseProcessGroup, loader, make_task, make_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
@@ -86,7 +86,7 @@ def _worker(rank: int, port: int) -> None:
     agreement = RankAgreement()
     relax = BinaryRelax(eta0=1.0, eta_growth=2.0, eta_every=1, switch_epoch=1)
     callbacks = [relax, BCGD(rho=0.01), agreement]
-    trainer = make_trainer(callbacks, max_epochs=2, strategy="ddp", devices=2)
+    trainer = make_trainer([*callbacks, CloseProcessGroup()], max_epochs=2, strategy="ddp", devices=2)
     trainer.fit(task, loader(8))
     # 8 batches over 2 ranks = 4 steps per epoch, each checked on both ranks
     assert trainer.world_size == 2 and agreement.checks == 8

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from fakedata import FakeCifar, write_zip
+from helpers import CloseProcessGroup
 from lightning.pytorch import LightningModule, Trainer
 from PIL import Image
 from torch import Tensor
@@ -443,6 +444,7 @@ def test_ddp_spawn_ranks_read_disjoint_shards(cifar10_folder: Path, tmp_path: Pa
         enable_model_summary=False,
         limit_val_batches=0,
         default_root_dir=tmp_path,
+        callbacks=[CloseProcessGroup()],
     )
     trainer.fit(_IdRecorder(tmp_path), datamodule=dm)
     for epoch in range(2):

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import loader, make_task, make_trainer
+from helpers import CloseProcessGroup, loader, make_task, make_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from qlight.callbacks import BCGD, QuantDiagnostics
@@ -62,7 +62,7 @@ def _worker(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     diag = LocalCounts(every_n_steps=1)
     check = SameOnEveryRank(diag)
-    trainer = make_trainer([BCGD(rho=0.01), diag, check], max_epochs=1, strategy="ddp", devices=2)
+    trainer = make_trainer([BCGD(rho=0.01), diag, check, CloseProcessGroup()], max_epochs=1, strategy="ddp", devices=2)
     trainer.fit(make_task(momentum=0.9), loader(8))
     assert trainer.world_size == 2 and check.checks == 4  # 8 batches over 2 ranks, a log every step
 
