@@ -4,8 +4,9 @@ For each network of issue 14 (random initialisation, BatchNorm statistics from a
 random BN affine and α, so nothing is trivial), export it with :func:`qlight.export.deploy.deployable`
 to ONNX and QONNX, run random N(0, 1) inputs through onnxruntime and qonnx's executor, and print per run:
 top-1 agreement, the largest and median per-image max |Δlogit| relative to max(1, max |logit|), and how many
-images differ beyond float rounding (1e-4 relative: quantizer boundary flips). ``docs/export.md`` explains
-the numbers.
+images differ beyond float rounding (1e-4 relative), how many of those quantizer boundary flips explain
+(:mod:`qlight.export.flips`), the largest relative |Δlogit| of an unexplained image, and the ``--verify``
+verdict. ``docs/export.md`` explains the numbers.
 
 Example::
 
@@ -25,7 +26,7 @@ from torch import nn
 from qlight.export.deploy import deployable
 from qlight.export.onnx_file import write_onnx
 from qlight.export.onnx_ops import UnsupportedQuantizerError
-from qlight.export.verify import ROUNDING_TOLERANCE, onnxruntime_logits, qonnx_logits
+from qlight.export.verify import compare, explain_differences, onnxruntime_logits, qonnx_logits
 from qlight.models.convnet import minw_quant
 from qlight.quant import QuantAct, QuantSpec
 from qlight.tasks import ImageClassifier
@@ -61,9 +62,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="networks per architecture")
     parser.add_argument("--first-seed", type=int, default=0, help="seed of the first network")
     parser.add_argument("--networks", nargs="+", default=sorted(NETWORKS), choices=sorted(NETWORKS))
+    parser.add_argument("--explain", type=int, default=25, help="images searched for boundary flips per run")
     args = parser.parse_args()
     run = {"onnx": onnxruntime_logits, "qonnx": qonnx_logits}
-    print("network seed format top1_agreement max_rel median_rel beyond_rounding")
+    print("network seed format top1_agreement max_rel median_rel beyond_rounding explained unexplained_max_rel verify")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.networks:
             for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -81,12 +83,14 @@ def main() -> None:
                     path = Path(tmp) / f"{fmt}.onnx"
                     write_onnx(network, path, fmt, (3, 32, 32), {})  # type: ignore[arg-type]
                     out = logits_of(path, x.numpy())
-                    per_image = np.abs(out - ref).max(axis=1) / scale
-                    agree = float((out.argmax(1) == ref.argmax(1)).mean())
-                    beyond = int((per_image > ROUNDING_TOLERANCE).sum())
+                    reference = torch.from_numpy(ref)
+                    parity = compare(reference, out, None, runtime_name=fmt, source="random inputs")
+                    parity = explain_differences(parity, model, x, reference, out, max_images=args.explain)
                     print(
-                        f"{name} {seed} {fmt} {agree:.4f} {per_image.max():.3g} {np.median(per_image):.3g} "
-                        f"{beyond}/{args.samples}",
+                        f"{name} {seed} {fmt} {parity.agreeing / parity.images:.4f} {parity.max_abs_diff / scale:.3g} "
+                        f"{parity.median_abs_diff / scale:.3g} {parity.beyond_rounding}/{args.samples} "
+                        f"{len(parity.explanations)} {parity.unexplained_diff / scale:.3g} "
+                        f"{'PASS' if parity.passed else 'FAIL'}",
                         flush=True,
                     )
 

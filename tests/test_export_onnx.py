@@ -251,7 +251,7 @@ def test_export_and_verify_reproduces_the_logits_exactly(
     assert code == 0, stdout + stderr
     assert "tensors: " in stdout and "NOT found" not in stdout
     assert "top-1 agreement 100.00% (6/6)" in stdout
-    assert "max |Δlogit| 0 (" in stdout and "median over images 0 (" in stdout and "PASS" in stdout
+    assert "max |Δlogit| 0, " in stdout and "median over images 0 (" in stdout and "PASS" in stdout
     assert "6 validation images of ExactCifar10DataModule" in stdout
     assert "accuracy: PyTorch" in stdout
     # the same logits, computed here independently of the command's own comparison

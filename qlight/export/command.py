@@ -45,6 +45,7 @@ from qlight.export.verify import (
     RUNTIMES,
     Parity,
     compare,
+    explain_differences,
     missing_tensors,
     reference_tensors,
     runtime_logits,
@@ -183,8 +184,9 @@ def _verify(
     except Exception as err:  # noqa: BLE001 - a damaged or foreign file: whatever its runtime raises, in one line
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise ExportError(f"output={str(out)!r} is not a runnable {fmt!r} export: {first[:300]}") from None
-    return compare(
-        _torch_logits(task.model, images.inputs),
+    torch_logits = _torch_logits(task.model, images.inputs)
+    parity = compare(
+        torch_logits,
         logits,
         images.labels,
         runtime_name=runtime,
@@ -193,6 +195,7 @@ def _verify(
         tensors_checked=len(reference),
         tensors_missing=missing,
     )
+    return explain_differences(parity, task.model, images.inputs, torch_logits, logits)
 
 
 def export_checkpoint(
@@ -220,7 +223,8 @@ def export_checkpoint(
         verify: run the file in its runtime on ``samples`` images and compare with PyTorch.
         verify_only: verify the existing ``output`` file instead of writing it.
         samples: number of verification images.
-        tolerance: allowed max |Δlogit| as a fraction of max(1, max |logit|).
+        tolerance: allowed max |Δlogit| of an image that no boundary flip explains, as a fraction of
+            max(1, max |logit|).
         data: overrides of the run's DataModule arguments for the verification images (e.g. ``root``).
         log: where the report lines go.
 
@@ -356,7 +360,8 @@ def _parser(datamodule_cls: type | None, defaults: Mapping[str, Any]) -> Any:
         "--tolerance",
         type=float,
         default=DEFAULT_TOLERANCE,
-        help="allowed max |Δlogit| as a fraction of max(1, max |logit|)",
+        help="allowed max |Δlogit| of an image no quantizer boundary flip explains, as a fraction of "
+        "max(1, max |logit|)",
     )
     if datamodule_cls is not None:
         parser.add_class_arguments(
