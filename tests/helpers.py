@@ -286,3 +286,16 @@ class CloseProcessGroup(Callback):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def authors_act_forward(x: Tensor, a: float, level: int) -> Tensor:
+    """The BCGD authors' quantized ReLU forward (``QtUniFunction``, ``nets/quant_uni_type.py``, fw='quant').
+
+    Boolean masks and Python-float thresholds, as their code computes it: ``x > (L−1)α`` goes to the top level.
+    """
+    out = x.clone()
+    out[x <= 0] = 0
+    ind = x.gt(0) * x.le(a * (level - 1))
+    out[ind] = (x[ind] / a).ceil() * a
+    out[x > a * (level - 1)] = a * level
+    return out

@@ -1,6 +1,6 @@
 """The lean quantizers compute the same bits as the formulas they replaced and as the BCGD authors' code.
 
-Three references, each written out here literally:
+Three references, each written out literally (the authors' forward in ``helpers.authors_act_forward``):
 
 - ``old_*``: qlight's previous implementations (one op per formula step, masks built separately). The lean
   estimators, weight quantizers, unit quantizers and the multi-tensor blend must equal them bit for bit,
@@ -17,6 +17,7 @@ import math
 
 import pytest
 import torch
+from helpers import authors_act_forward
 from torch import Tensor
 
 from qlight.callbacks.bcgd import blend_, blend_all_
@@ -67,15 +68,6 @@ def old_quant_relu_grads(x: Tensor, a: Tensor, g: Tensor, bits: int, mode: str, 
     s = (g * d).sum()
     ga = torch.clamp(torch.tensor(rf, dtype=s.dtype) * s, -1.0, 1.0)
     return gx, ga
-
-
-def authors_forward(x: Tensor, a: float, level: int) -> Tensor:
-    out = x.clone()
-    out[x <= 0] = 0
-    ind = x.gt(0) * x.le(a * (level - 1))
-    out[ind] = (x[ind] / a).ceil() * a
-    out[x > a * (level - 1)] = a * level
-    return out
 
 
 def authors_backward(x: Tensor, g: Tensor, a: float, level: int, bfun: str, gd_type: str, r: float):
@@ -152,7 +144,7 @@ def test_level_just_above_top_threshold_is_the_authors(dtype: torch.dtype, bits:
     for alpha, xv in zip(alphas[:20], xs[:20], strict=True):
         x = torch.tensor([xv], dtype=dtype)
         a = torch.tensor(alpha, dtype=dtype)
-        expected = authors_forward(x, float(a), level)
+        expected = authors_act_forward(x, float(a), level)
         assert expected.item() == (a * level).item()
         assert not torch.equal(old_act_quant(x, a, bits, "ceil"), expected)  # the previous formula: L−1
         assert torch.equal(act_quant(x, a, bits), expected)
@@ -171,7 +163,7 @@ def test_one_bit_subnormal_input_is_the_top_level(dtype: torch.dtype) -> None:
     alpha = 2.5
     a = torch.tensor(alpha, dtype=dtype)
     assert (x[0] / a).item() == 0.0  # the quotient underflows
-    expected = authors_forward(x, float(a), 1)
+    expected = authors_act_forward(x, float(a), 1)
     assert expected.tolist() == [alpha, alpha, 0.0, 0.0]
     assert old_act_quant(x, a, 1, "ceil")[0].item() == 0.0
     g = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=dtype)
@@ -198,7 +190,7 @@ def test_quant_relu_equals_authors_code_everywhere(dtype: torch.dtype, bits: int
     for x_rule, bfun in AUTHORS_X.items():
         for alpha_rule in ("ae", "mean", "min", "pact"):
             y, gx, ga = run_layer(x, alpha, bits, x_rule, alpha_rule, g)
-            assert torch.equal(y, authors_forward(x, float(a), level))
+            assert torch.equal(y, authors_act_forward(x, float(a), level))
             ref_gx, ref_ga = authors_backward(x, g, float(a), level, bfun, alpha_rule, r)
             assert torch.equal(gx, ref_gx), (x_rule, alpha_rule)
             assert torch.equal(ga, ref_ga.to(ga.dtype)), (x_rule, alpha_rule)

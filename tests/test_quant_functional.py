@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import authors_act_forward
 
 from qlight.quant import (
     act_quant,
@@ -270,14 +271,8 @@ def test_pow2_weight():
 
 # ---------------------------------------------------------------------------------------------- act_quant
 def authors_act(x, a, bits):
-    """Forward of QtUniFunction (nets/quant_uni_type.py) with fw='quant'."""
-    level = 2**bits - 1
-    out = x.clone()
-    out[x <= 0] = 0
-    ind = x.gt(0) * x.le(a * (level - 1))
-    out[ind] = (x[ind] / a).ceil() * a
-    out[x > a * (level - 1)] = a * level
-    return out
+    """Forward of QtUniFunction (nets/quant_uni_type.py) with fw='quant', at ``bits`` bits."""
+    return authors_act_forward(x, a, 2**bits - 1)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -67,7 +67,7 @@ class _FlipRun:
         self.names = {id(m): n for n, m in acts}
         self.modules = [m for _, m in acts]
         self.epsilon = 0.0
-        self.forced: dict[_Key, float] = {}
+        self.forced: set[_Key] = set()
         self.candidates: list[tuple[_Key, Flip]] = []
         self.valid = True
         self._calls = 0
@@ -79,14 +79,13 @@ class _FlipRun:
         delta = self.epsilon * (x.abs() + x.abs().mean())
         lower, upper = module.forward(x - delta), module.forward(x + delta)
         alternative = torch.where(lower != output, lower, upper)
-        near = (alternative != output).flatten().nonzero().flatten().tolist()
-        out = output.clone().flatten()
-        alt, xs = alternative.flatten(), x.flatten()
-        for i in near:
-            flip = Flip(
-                self.names[id(module)], call, tuple(int(v) for v in torch.unravel_index(torch.tensor(i), x.shape)),
-                float(xs[i]), float(out[i]), float(alt[i]),
-            )
+        flat = (alternative != output).flatten().nonzero().flatten()
+        near = flat.tolist()
+        out, alt, xs = output.clone().flatten(), alternative.flatten(), x.flatten()
+        indices = torch.stack(torch.unravel_index(flat, x.shape), dim=1).tolist()
+        name = self.names[id(module)]
+        for i, index in zip(near, indices, strict=True):
+            flip = Flip(name, call, tuple(index), float(xs[i]), float(out[i]), float(alt[i]))
             self.candidates.append(((call, i), flip))
         for c, i in self.forced:
             if c == call:
@@ -105,7 +104,7 @@ class _FlipRun:
             for h in handles:
                 h.remove()
 
-    def run(self, model: nn.Module, image: Tensor, forced: dict[_Key, float]) -> tuple[Tensor, list]:
+    def run(self, model: nn.Module, image: Tensor, forced: set[_Key]) -> tuple[Tensor, list]:
         self.forced, self.candidates, self.valid, self._calls = forced, [], True, 0
         with torch.no_grad():
             logits = model(image)
@@ -142,7 +141,7 @@ def explain_flips(
                 for chosen in frontier:
                     if forwards >= budget:
                         return None
-                    logits, candidates = runner.run(model, batch, {k: 0.0 for k in chosen})
+                    logits, candidates = runner.run(model, batch, set(chosen))
                     forwards += 1
                     if not runner.valid:
                         continue
